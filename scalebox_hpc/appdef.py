@@ -1,0 +1,715 @@
+"""Load and validate an app definition (SPEC sections 3 and 4).
+
+Everything is checked here, before anything is written anywhere, and every error
+names the file, the line and the key path so the user can go straight to it.
+Upstream Scalebox spellings (jobs, sink_jobs, start_message, hosts, ...) are
+accepted so that upstream apps port with few edits.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from .errors import ConfigError
+
+APP_FILE_NAMES = ("app.yaml", "app.yml", "scalebox.yaml")
+SCALEBOX_ENV = "scalebox.env"
+HOST = "host"
+HOOKS = ("check", "setup", "teardown")
+DIST_MODES = ("DEFAULT", "HOST-BOUND")
+# Upstream location modes we do not implement; such modules simply run as DEFAULT.
+_UPSTREAM_DIST_MODES = ("SLOT-BOUND", "GROUP-BOUND")
+
+_MODULE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass
+class ModuleDef:
+    name: str
+    base_image: str = HOST
+    command: str | None = None
+    code_path: str | None = None
+    start_tasks: list[str] = field(default_factory=list)
+    sink_modules: list[str] = field(default_factory=list)
+    slots: int = 1
+    min_workers: int = 0
+    task_max_seconds: int | None = None
+    retry_rules: list[tuple[str, int]] = field(default_factory=list)
+    task_dist_mode: str = "DEFAULT"
+    environments: dict[str, str] = field(default_factory=dict)
+    volumes: list[str] = field(default_factory=list)
+    site: str | None = None
+    task_batch_size: int | None = None
+    idle_seconds: float | None = None
+    check: str | None = None
+    setup: str | None = None
+    teardown: str | None = None
+    stdout_limit: int | None = None
+    label: str | None = None
+    line: int = 0
+
+
+@dataclass
+class AppDef:
+    name: str
+    path: str
+    app_dir: str
+    site: str = "local"
+    main_router: str | None = None
+    parameters: dict[str, str] = field(default_factory=dict)
+    modules: dict[str, ModuleDef] = field(default_factory=dict)
+    label: str | None = None
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        for module in data["modules"].values():
+            module["retry_rules"] = [list(rule) for rule in module["retry_rules"]]
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> AppDef:
+        data = dict(data)
+        modules = {
+            name: ModuleDef(**{**m, "retry_rules": [(str(c), int(n)) for c, n in m["retry_rules"]]})
+            for name, m in data.pop("modules").items()
+        }
+        return cls(**data, modules=modules)
+
+
+# ---------------------------------------------------------------- env files and ${VAR}
+
+_ENV_LINE = re.compile(r"(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)")
+
+
+def load_env_file(path: str | os.PathLike) -> dict[str, str]:
+    """Read KEY=VALUE lines (shell-like: comments, 'export ', quotes)."""
+    file = os.fspath(path)
+    try:
+        with open(file, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise ConfigError("env file not found", file=file) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read env file: {exc}", file=file) from None
+    values: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _ENV_LINE.fullmatch(line)
+        value = _env_value(match.group(2)) if match else None
+        if value is None:
+            raise ConfigError(f"expected NAME=VALUE, got {line!r}", file=file, line=number)
+        values[match.group(1)] = value
+    return values
+
+
+def _env_value(text: str) -> str | None:
+    """The value part of an env line, or None if it is malformed."""
+    if text[:1] in ("'", '"'):
+        end = text.find(text[0], 1)
+        rest = text[end + 1:].strip() if end > 0 else None
+        if rest is None or (rest and not rest.startswith("#")):
+            return None
+        return text[1:end]
+    # Unquoted: like the shell, ' #' starts a comment.
+    return re.split(r"\s+#", text, maxsplit=1)[0].strip()
+
+
+_PLACEHOLDER = re.compile(r"\$\$\{|\$\{([^}\n]*)(\}?)")
+_VAR_EXPR = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.S)
+
+
+def _substitute(text: str, variables: Mapping[str, str], file: str) -> str:
+    """Fill ${VAR} / ${VAR:-default} line by line, so YAML line numbers stay true."""
+    lines = text.split("\n")
+    for index, line in enumerate(lines):
+        # Whole-line comments are skipped so commenting out a line never breaks the file.
+        if "${" in line and not line.lstrip().startswith("#"):
+            lines[index] = _PLACEHOLDER.sub(
+                lambda m, n=index + 1: _expand(m, variables, file, n), line)
+    return "\n".join(lines)
+
+
+def _expand(match: re.Match, variables: Mapping[str, str], file: str, line: int) -> str:
+    if match.group(0) == "$${":
+        return "${"
+    expr, closed = match.group(1), match.group(2)
+    parsed = _VAR_EXPR.fullmatch(expr)
+    if not closed or not parsed:
+        raise ConfigError(
+            f"malformed placeholder '${{{expr}{closed}': use ${{NAME}} or ${{NAME:-default}}"
+            " (write $${ for a literal ${)", file=file, line=line)
+    name, default = parsed.groups()
+    value = variables.get(name)
+    if not value and default is not None:   # shell ':-': unset or empty
+        value = default
+    if value is None:
+        raise ConfigError(
+            f"undefined variable ${{{name}}}: set it in the shell, {SCALEBOX_ENV} or an -e FILE",
+            file=file, line=line)
+    if "\n" in value or "\r" in value:
+        raise ConfigError(f"value of ${{{name}}} contains a line break, which is not allowed",
+                          file=file, line=line)
+    return value
+
+
+# ---------------------------------------------------------------- YAML with line numbers
+
+class _Map(dict):
+    """A YAML mapping that remembers the line of each of its keys."""
+
+    def __init__(self, line: int = 0):
+        super().__init__()
+        self.line = line
+        self.key_lines: dict[Any, int] = {}
+
+    def line_of(self, key: Any) -> int:
+        return self.key_lines.get(key, self.line)
+
+
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+class _LineLoader(yaml.SafeLoader):
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue   # keys merged in with '<<' may be overridden
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    continue   # unhashable key: the base class reports it
+                if first is not None:
+                    raise _DuplicateKey(None, None, f"duplicate key '{key}' (first at line {first})",
+                                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+    def construct_line_map(self, node):
+        data = _Map(node.start_mark.line + 1)
+        yield data
+        data.update(self.construct_mapping(node))
+        # node.value is flattened by now: merged keys first, so the map's own keys win.
+        for key_node, _ in node.value:
+            data.key_lines[self.construct_object(key_node)] = key_node.start_mark.line + 1
+
+
+_LineLoader.add_constructor("tag:yaml.org,2002:map", _LineLoader.construct_line_map)
+
+
+def _parse_yaml(text: str, file: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_LineLoader)
+    except _DuplicateKey as exc:
+        raise ConfigError(exc.problem, file=file, line=exc.problem_mark.line + 1) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or "malformed"
+        context = f" ({exc.context})" if exc.context else ""
+        raise ConfigError(f"invalid YAML: {problem}{context}", file=file,
+                          line=mark.line + 1 if mark else None) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}", file=file) from None
+
+
+# ---------------------------------------------------------------- retry rules
+
+_RETRY_RULE = re.compile(r"(\*|[+-]?\d+)\s*:\s*(\d+)")
+
+
+def parse_retry_rules(value: Any, *, file: str | None = None, key: str | None = None,
+                      line: int | None = None) -> list[tuple[str, int]]:
+    """Parse ['1:3', '2:2', '*'], "['1:3','2:2','*']" or "1:3,2:2,*" into (code, retries)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        items: list[Any] = [item.strip().strip("'\"") for item in text.split(",")]
+        items = [item for item in items if item]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ConfigError("expected a list of retry rules, e.g. ['1:3', '*']",
+                          file=file, key=key, line=line)
+    rules: list[tuple[str, int]] = []
+    for item in items:
+        text = str(item).strip() if isinstance(item, (str, int)) and not isinstance(item, bool) else None
+        match = _RETRY_RULE.fullmatch(text) if text else None
+        if text == "*":
+            rule = ("*", 1)
+        elif match:
+            code = match.group(1)
+            rule = (code if code == "*" else str(int(code)), int(match.group(2)))
+        else:
+            raise ConfigError(f"invalid retry rule {str(item)!r}: use CODE:RETRIES, e.g. '1:3', or '*'",
+                              file=file, key=key, line=line)
+        if any(code == rule[0] for code, _ in rules):
+            raise ConfigError(f"retry rule for code {rule[0]} given twice", file=file, key=key, line=line)
+        rules.append(rule)
+    return rules
+
+
+# ---------------------------------------------------------------- the app definition
+
+_TOP_KEYS: dict[str, str | None] = {
+    "name": "name", "label": "label", "description": None, "version": None,
+    "site": "site", "cluster": "site", "parameters": "parameters",
+    "modules": "modules", "jobs": "modules",
+}
+_MODULE_KEYS: dict[str, str | None] = {
+    **{f.name: f.name for f in fields(ModuleDef) if f.name not in ("name", "line")},
+    "start_task": "start_tasks", "start_message": "start_tasks",
+    "sink_jobs": "sink_modules", "sink_module": "sink_modules",
+    "cluster": "site", "hosts": "slots", "task_timeout_seconds": "task_max_seconds",
+    "parameters": "parameters", "variables": "variables",
+    "description": None, "schedule_mode": None,
+}
+_MODULE_PARAMETER_KEYS: dict[str, str | None] = {
+    "start_message": "start_tasks", "start_task": "start_tasks", "retry_rules": "retry_rules",
+    "task_max_seconds": "task_max_seconds", "task_timeout_seconds": "task_max_seconds",
+    "slots": "slots", "task_dist_mode": "task_dist_mode", "task_batch_size": "task_batch_size",
+}
+_MODULE_VARIABLE_KEYS: dict[str, str | None] = {"repeatable": None}
+
+
+@dataclass
+class _Entry:
+    value: Any
+    key: str        # full key path, as written
+    line: int
+    written: str    # the key as written (an alias, maybe)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean (quote it if you mean a string)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _is_within(path: str, directory: str) -> bool:
+    return os.path.commonpath([path, directory]) == directory
+
+
+def _executable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+class _AppParser:
+    def __init__(self, file: str, app_dir: str):
+        self.file = file
+        self.app_dir = app_dir
+
+    def error(self, message: str, key: str | None = None, line: int | None = None) -> ConfigError:
+        return ConfigError(message, file=self.file, key=key, line=line)
+
+    # -- structure
+
+    def collect(self, mapping: _Map, prefix: str, accepted: Mapping[str, str | None],
+                into: dict[str, _Entry]) -> dict[str, _Entry]:
+        """Map each key of `mapping` to its canonical name; unknown keys and aliases given twice are errors."""
+        for key, value in mapping.items():
+            line = mapping.line_of(key)
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if not isinstance(key, str) or key not in accepted:
+                raise self.unknown_key(str(key), accepted, path, line)
+            canonical = accepted[key]
+            if canonical is None:
+                continue
+            if canonical in into:
+                previous = into[canonical]
+                raise self.error(f"also given as '{previous.key}' (line {previous.line}): keep one",
+                                 path, line)
+            into[canonical] = _Entry(value, path, line, key)
+        return into
+
+    def unknown_key(self, key: str, accepted: Mapping[str, str | None], path: str,
+                    line: int) -> ConfigError:
+        # List canonical names only; aliases are still accepted and suggested.
+        known = sorted(k for k, canonical in accepted.items() if canonical in (k, None))
+        message = f"unknown key '{key}' (known: {', '.join(known)})"
+        close = difflib.get_close_matches(key, list(accepted), n=1)
+        if close:
+            message += f"; did you mean '{close[0]}'?"
+        return self.error(message, path, line)
+
+    def mapping(self, entry: _Entry) -> _Map:
+        if entry.value is None:
+            return _Map(entry.line)
+        if not isinstance(entry.value, _Map):
+            raise self.error(f"expected a mapping, got {_describe(entry.value)}", entry.key, entry.line)
+        return entry.value
+
+    # -- scalar conversions
+
+    def scalar(self, value: Any, entry: _Entry) -> str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise self.error(f"expected a string, got {_describe(value)}", entry.key, entry.line)
+        return str(value)
+
+    def text(self, entry: _Entry) -> str | None:
+        return None if entry.value is None else self.scalar(entry.value, entry)
+
+    def integer(self, entry: _Entry, minimum: int) -> int | None:
+        value = entry.value
+        if value is None:
+            return None
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.error(f"expected an integer >= {minimum}, got {_describe(value)}",
+                             entry.key, entry.line)
+        return value
+
+    def number(self, entry: _Entry, minimum: float) -> float | None:
+        value = entry.value
+        if value is None:
+            return None
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
+            raise self.error(f"expected a number >= {minimum:g}, got {_describe(value)}",
+                             entry.key, entry.line)
+        return float(value)
+
+    def string_list(self, entry: _Entry, *, split_commas: bool) -> list[str]:
+        value = entry.value
+        if value is None:
+            return []
+        if isinstance(value, str):
+            items = value.split(",") if split_commas else [value]
+        elif isinstance(value, list):
+            items = [self.scalar(item, entry) for item in value]
+        else:
+            raise self.error(f"expected a list of strings, got {_describe(value)}", entry.key, entry.line)
+        return [item.strip() for item in items if item.strip()]
+
+    def resolve(self, path: str, base: str | None = None) -> str:
+        return os.path.normpath(os.path.join(base or self.app_dir, os.path.expanduser(path)))
+
+    # -- the app
+
+    def app(self, doc: Any, path: str) -> AppDef:
+        if not isinstance(doc, _Map):
+            raise self.error("expected a mapping with 'name' and 'modules' at the top level",
+                             line=1 if doc is None else None)
+        entries = self.collect(doc, "", _TOP_KEYS, {})
+
+        name = self.text(entries["name"]) if "name" in entries else None
+        if not name or not name.strip():
+            entry = entries.get("name")
+            raise self.error("the app needs a non-empty 'name'", "name", entry.line if entry else None)
+
+        app = AppDef(name=name.strip(), path=path, app_dir=self.app_dir)
+        if "label" in entries:
+            app.label = self.text(entries["label"])
+        if "site" in entries:
+            app.site = self.text(entries["site"]) or app.site
+        router_entry = None
+        if "parameters" in entries:
+            params = self.mapping(entries["parameters"])
+            for key, value in params.items():
+                entry = _Entry(value, f"{entries['parameters'].key}.{key}", params.line_of(key), str(key))
+                app.parameters[str(key)] = "" if value is None else self.scalar(value, entry)
+                if key == "main_router":
+                    router_entry = entry
+            app.main_router = app.parameters.get("main_router") or None
+
+        modules_entry = entries.get("modules")
+        modules = self.mapping(modules_entry) if modules_entry else _Map()
+        if not modules:
+            raise self.error("the app has no modules: add a 'modules' section", "modules",
+                             modules_entry.line if modules_entry else None)
+        settings: dict[str, Any] = {}
+        for key, raw in modules.items():
+            module_key = f"{modules_entry.key}.{key}"
+            if isinstance(key, bool) or not isinstance(key, (str, int)):
+                raise self.error("a module name must be a string", module_key, modules.line_of(key))
+            settings[str(key)] = raw
+            app.modules[str(key)] = self.module(str(key), raw, module_key, modules.line_of(key))
+
+        for module in app.modules.values():
+            for sink in module.sink_modules:
+                if sink not in app.modules:
+                    key, line = self._sink_location(settings[module.name], modules_entry.key, module)
+                    raise self.error(f"unknown sink module '{sink}' ({self._names(app, sink)})", key, line)
+        if app.main_router and app.main_router not in app.modules:
+            raise self.error(f"unknown module '{app.main_router}' ({self._names(app, app.main_router)})",
+                             router_entry.key, router_entry.line)
+        return app
+
+    def _sink_location(self, raw: Any, modules_key: str, module: ModuleDef) -> tuple[str, int]:
+        """Key path and line of a module's sink_modules setting, for error messages."""
+        for written in ("sink_modules", "sink_jobs", "sink_module"):
+            if isinstance(raw, _Map) and written in raw:
+                return f"{modules_key}.{module.name}.{written}", raw.line_of(written)
+        return f"{modules_key}.{module.name}", module.line
+
+    @staticmethod
+    def _names(app: AppDef, wanted: str) -> str:
+        text = f"modules: {', '.join(app.modules)}"
+        close = difflib.get_close_matches(wanted, list(app.modules), n=1)
+        return f"{text}; did you mean '{close[0]}'?" if close else text
+
+    # -- one module
+
+    def module(self, name: str, raw: Any, key: str, line: int) -> ModuleDef:
+        if not _MODULE_NAME.fullmatch(name):
+            raise self.error(f"invalid module name '{name}': use letters, digits, '_', '.', '-' "
+                             "(not first)", key, line)
+        settings = self.mapping(_Entry(raw, key, line, name))
+        entries = self.collect(settings, key, _MODULE_KEYS, {})
+        if "parameters" in entries:
+            params = entries.pop("parameters")
+            self.collect(self.mapping(params), params.key, _MODULE_PARAMETER_KEYS, entries)
+        if "variables" in entries:
+            variables = entries.pop("variables")
+            self.collect(self.mapping(variables), variables.key, _MODULE_VARIABLE_KEYS, entries)
+
+        module = ModuleDef(name=name, line=line)
+        converters = {
+            "base_image": self.image,
+            "code_path": self.directory,
+            "start_tasks": self.start_tasks,
+            "sink_modules": lambda e: self.string_list(e, split_commas=True),
+            "slots": self.slots,
+            "min_workers": lambda e: self.integer(e, 0),
+            "task_max_seconds": lambda e: self.integer(e, 1),
+            "retry_rules": lambda e: parse_retry_rules(e.value, file=self.file, key=e.key, line=e.line),
+            "task_dist_mode": self.dist_mode,
+            "environments": self.environments,
+            "volumes": self.volumes,
+            "site": self.text,
+            "task_batch_size": lambda e: self.integer(e, 1),
+            "idle_seconds": lambda e: self.number(e, 0),
+            "stdout_limit": lambda e: self.integer(e, 0),
+            "label": self.text,
+        }
+        for attr, convert in converters.items():
+            if attr in entries:
+                value = convert(entries[attr])
+                if value is not None:
+                    setattr(module, attr, value)
+        if module.min_workers > module.slots:
+            entry = entries["min_workers"]
+            raise self.error(f"min_workers ({module.min_workers}) is more than slots ({module.slots})",
+                             entry.key, entry.line)
+        self.programs(module, entries, key)
+        return module
+
+    def image(self, entry: _Entry) -> str:
+        value = (self.text(entry) or "").strip()
+        if not value or value == HOST:
+            return HOST
+        if "://" in value:
+            return value
+        path = self.resolve(value)
+        if not os.path.exists(path):
+            raise self.error(f"image not found: {path} (a .sif file or sandbox directory; "
+                             f"for a registry image write docker://{value})", entry.key, entry.line)
+        return path
+
+    def directory(self, entry: _Entry) -> str | None:
+        value = self.text(entry)
+        if not value:
+            return None
+        path = self.resolve(value)
+        if not os.path.isdir(path):
+            what = "not a directory" if os.path.exists(path) else "directory not found"
+            raise self.error(f"{what}: {path}", entry.key, entry.line)
+        return path
+
+    def start_tasks(self, entry: _Entry) -> list[str]:
+        items = entry.value if isinstance(entry.value, list) else [entry.value]
+        bodies: list[str] = []
+        for item in items:
+            if item is None:
+                continue
+            body = self.scalar(item, entry)
+            if body.startswith("FILE:"):
+                bodies.extend(self.bodies_from_file(body[len("FILE:"):].strip(), entry))
+            elif body:
+                bodies.append(body)
+        return bodies
+
+    def bodies_from_file(self, name: str, entry: _Entry) -> list[str]:
+        path = self.resolve(name)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                lines = fh.read().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise self.error(f"cannot read start-task file {path}: {reason}", entry.key, entry.line) from None
+        return [line.strip() for line in lines if line.strip()]
+
+    def slots(self, entry: _Entry) -> int | None:
+        if entry.written != "hosts":
+            return self.integer(entry, 1)
+        # Upstream 'hosts: ["h0:4", "h1:2"]': we keep only the total number of slots.
+        value = entry.value
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list) or not items:
+            raise self.error("expected a list like ['h0:4', 'h1:2']", entry.key, entry.line)
+        total = 0
+        for item in items:
+            text = self.scalar(item, entry).strip()
+            host, sep, count = text.rpartition(":")
+            if not sep:
+                host, count = text, "1"
+            if not host or not count.isdigit() or int(count) < 1:
+                raise self.error(f"invalid host entry '{text}': use HOST or HOST:SLOTS, e.g. 'h0:4'",
+                                 entry.key, entry.line)
+            total += int(count)
+        return total
+
+    def dist_mode(self, entry: _Entry) -> str:
+        value = (self.text(entry) or "").strip()
+        mode = value.upper().replace("_", "-") or "DEFAULT"
+        if mode in DIST_MODES:
+            return mode
+        if mode in _UPSTREAM_DIST_MODES:
+            return "DEFAULT"
+        raise self.error(f"unknown task_dist_mode '{value}' (use {' or '.join(DIST_MODES)})",
+                         entry.key, entry.line)
+
+    def environments(self, entry: _Entry) -> dict[str, str]:
+        value = entry.value
+        if value is None:
+            return {}
+        if isinstance(value, dict):
+            pairs = [(str(k), "" if v is None else self.scalar(v, entry)) for k, v in value.items()]
+        elif isinstance(value, list):
+            pairs = []
+            for item in value:
+                name, sep, val = self.scalar(item, entry).partition("=")
+                if not sep:
+                    raise self.error(f"invalid entry '{item}': use NAME=VALUE", entry.key, entry.line)
+                pairs.append((name.strip(), val))
+        else:
+            raise self.error(f"expected a list of NAME=VALUE or a mapping, got {_describe(value)}",
+                             entry.key, entry.line)
+        for name, _ in pairs:
+            if not _ENV_NAME.fullmatch(name):
+                raise self.error(f"invalid variable name '{name}'", entry.key, entry.line)
+        return dict(pairs)
+
+    def volumes(self, entry: _Entry) -> list[str]:
+        value = entry.value
+        if value is None:
+            return []
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise self.error(f"expected a list of volumes, got {_describe(value)}", entry.key, entry.line)
+        volumes = []
+        for item in items:
+            text = self.scalar(item, entry).strip() if item is not None else ""
+            if not text:
+                raise self.error("empty volume entry: use SRC:DEST[:ro]", entry.key, entry.line)
+            volumes.append(text)
+        return volumes
+
+    # -- program and hooks (need base_image and code_path first)
+
+    def programs(self, module: ModuleDef, entries: dict[str, _Entry], key: str) -> None:
+        command = entries.get("command")
+        text = self.text(command) if command else None
+        if text and text.strip():
+            module.command = self.program_path(text.strip(), module)
+        elif module.code_path:
+            module.command = os.path.join(module.code_path, "run.sh")
+        elif module.base_image == HOST:
+            raise self.error("no program: set 'command' (or 'code_path' with a run.sh in it)",
+                             f"{key}.command", module.line)
+        if module.command:
+            self.check_program(module, module.command,
+                               command.key if command else f"{key}.command",
+                               command.line if command else module.line)
+
+        for hook in HOOKS:
+            entry = entries.get(hook)
+            text = self.text(entry) if entry else None
+            if text and text.strip():
+                path = self.program_path(text.strip(), module)
+                self.check_program(module, path, entry.key, entry.line)
+                setattr(module, hook, path)
+            elif module.code_path and module.command and not module.command.startswith("@"):
+                beside = os.path.join(os.path.dirname(module.command), hook)
+                if _executable(beside):
+                    setattr(module, hook, beside)
+
+    def program_path(self, text: str, module: ModuleDef) -> str:
+        if text.startswith("@"):    # builtin, e.g. '@noop'
+            return text
+        return self.resolve(text, module.code_path)
+
+    def check_program(self, module: ModuleDef, path: str, key: str, line: int) -> None:
+        if path.startswith("@"):
+            return
+        on_host = module.base_image == HOST or (
+            module.code_path is not None and _is_within(path, module.code_path))
+        if not on_host:
+            return      # lives inside the container image
+        if not os.path.isfile(path):
+            raise self.error(f"program not found: {path}", key, line)
+        if not os.access(path, os.X_OK):
+            raise self.error(f"program is not executable: {path} (chmod +x it)", key, line)
+
+
+# ---------------------------------------------------------------- entry point
+
+def _find_app_file(path: str | os.PathLike) -> str:
+    given = os.fspath(path)
+    if os.path.isdir(given):
+        for name in APP_FILE_NAMES:
+            candidate = os.path.join(given, name)
+            if os.path.isfile(candidate):
+                return candidate
+        raise ConfigError(f"no app definition in this directory (looked for {', '.join(APP_FILE_NAMES)})",
+                          file=given)
+    if not os.path.exists(given):
+        raise ConfigError("app definition not found", file=given)
+    return given
+
+
+def load_app(path: str | os.PathLike, env_files: Sequence[str] = (),
+             environ: Mapping[str, str] | None = None,
+             site_defaults: Mapping[str, str] | None = None) -> AppDef:
+    """Read, substitute, parse and validate an app definition; raise ConfigError on any problem."""
+    file = _find_app_file(path)
+    absolute = os.path.abspath(file)
+    app_dir = os.path.dirname(absolute)
+
+    variables: dict[str, str] = dict(site_defaults or {})
+    scalebox_env = os.path.join(app_dir, SCALEBOX_ENV)
+    if os.path.isfile(scalebox_env):
+        variables.update(load_env_file(scalebox_env))
+    for env_file in env_files:
+        variables.update(load_env_file(env_file))
+    variables.update(os.environ if environ is None else environ)
+
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read app definition: {exc}", file=file) from None
+    doc = _parse_yaml(_substitute(text, variables, file), file)
+    return _AppParser(file, app_dir).app(doc, absolute)

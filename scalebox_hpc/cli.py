@@ -1,0 +1,602 @@
+"""The scalebox-hpc command line. It parses, calls, and prints; the work is elsewhere."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import traceback
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from . import __version__, config, db
+from .errors import NotFound, ScaleboxError
+
+log = logging.getLogger("scalebox_hpc")
+
+TERMINAL = ("FINISHED", "FAILED", "CANCELLED")
+STATUS_NAMES = {-9: "INITIAL", -1: "READY", -2: "QUEUED", -3: "RUNNING", 0: "OK"}
+
+
+def status_name(code: int) -> str:
+    return STATUS_NAMES.get(code, f"FAILED({code})")
+
+
+def _json_default(value):
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(type(value).__name__)
+
+
+def emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=_json_default))
+
+
+class Group(click.Group):
+    """Prints user errors as one line (exit 1); internal errors keep their traceback in a log."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ScaleboxError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - the one place internal errors are reported
+            logdir = config.state_dir() / "logs"
+            try:
+                logdir.mkdir(parents=True, exist_ok=True)
+                path = logdir / "errors.log"
+                with open(path, "a") as fh:
+                    fh.write(f"--- {datetime.now().isoformat()} {' '.join(sys.argv)}\n{traceback.format_exc()}")
+                where = f"; traceback in {path}"
+            except OSError:
+                where = ""
+            click.echo(f"internal error: {type(exc).__name__}: {exc}{where}", err=True)
+            sys.exit(2)
+
+
+def _setup_logging(verbose: int, logfile: str | None = None) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        filename=logfile)
+    logging.getLogger("psycopg").setLevel(logging.WARNING)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--dsn", envvar="SCALEBOX_DSN", help="PostgreSQL connection string "
+              "(default: SCALEBOX_DSN, the config file, PG* variables, else the embedded server).")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(__version__, prog_name="scalebox-hpc")
+@click.pass_context
+def main(ctx, dsn, verbose):
+    """Run Scalebox-style streaming pipelines on HPC batch sites."""
+    ctx.obj = {"dsn": dsn}
+    if ctx.invoked_subcommand != "worker":
+        _setup_logging(verbose)
+
+
+def _dsn(ctx) -> str:
+    """The database to use, starting the embedded server if it is the choice."""
+    if "resolved" not in ctx.obj:
+        ctx.obj["resolved"] = config.resolve_database(ctx.obj["dsn"])
+    return ctx.obj["resolved"].dsn
+
+
+def _store(ctx):
+    from .db.store import Store
+
+    store = Store(_dsn(ctx))
+    db.require_schema(store.conn)
+    return store
+
+
+def _app_row(store, app_id: int):
+    row = store.q("get_app", {"app_id": app_id}).fetchone()
+    if row is None:
+        raise NotFound(f"no app with id {app_id} (see 'scalebox-hpc app list')")
+    return row
+
+
+# ---------------------------------------------------------------- submit / run
+def _submit(ctx, path: str, env_files: tuple[str, ...], site: str | None) -> tuple[object, int]:
+    from .appdef import load_app
+    from .sites import make_sites
+
+    app = load_app(path, env_files=env_files)   # every error is raised before anything is written
+    if site:
+        app.site = site
+    app_json = app.to_json()
+    known_sites = set(make_sites(_controller_settings(ctx)))
+    modules = []
+    for name, mod in app.modules.items():
+        mod_json = app_json["modules"][name]
+        mod_json["site"] = mod.site or app.site
+        if mod_json["site"] not in known_sites:
+            raise ScaleboxError(f"{app.path}: modules.{name}: unknown site '{mod_json['site']}' "
+                                f"(known: {', '.join(sorted(known_sites))})")
+        modules.append(mod_json)
+    start = [(name, body) for name, mod in app.modules.items() for body in mod.start_tasks]
+    store = _store(ctx)
+    app_id = store.create_app(app_json, modules, start)
+    return app, app_id
+
+
+def _controller_settings(ctx):
+    from .controller import ControllerSettings
+
+    return ControllerSettings(
+        dsn=_dsn(ctx),
+        state_dir=str(config.state_dir()),
+        scratch_root=os.environ.get("SCALEBOX_SCRATCH", ""),
+        lease_seconds=config.env_float("SCALEBOX_LEASE_SECONDS", 30.0),
+        idle_seconds=config.env_float("SCALEBOX_IDLE_SECONDS", 30.0),
+        poll_seconds=config.env_float("SCALEBOX_POLL_SECONDS", 1.0))
+
+
+def _counts(store, app_id: int) -> dict[str, dict[str, int]]:
+    per: dict[str, dict[str, int]] = {}
+    for module, status, n in store.q("task_counts", {"app_id": app_id}):
+        c = per.setdefault(module, {"ready": 0, "running": 0, "ok": 0, "failed": 0, "total": 0})
+        c["total"] += n
+        if status == 0:
+            c["ok"] += n
+        elif status in (-2, -3):
+            c["running"] += n
+        elif status in (-1, -9):
+            c["ready"] += n
+        else:
+            c["failed"] += n
+    return per
+
+
+def _follow(ctx, store, app_id: int, *, quiet: bool) -> str:
+    """Drive the controller (if no other one is active) and show progress until the app ends."""
+    from .controller import Controller
+    from .progress import ProgressView
+
+    settings = _controller_settings(ctx)
+    settings.poll_seconds = min(settings.poll_seconds, 0.5)
+    controller = Controller(settings)
+    view = None if quiet else ProgressView()
+    try:
+        while True:
+            started = time.monotonic()
+            controller.step()
+            row = store.retrying(lambda: _app_row(store, app_id), what="read app status")
+            if view:
+                view.update(store.retrying(lambda: _counts(store, app_id), what="read progress"))
+            if row[2] in TERMINAL:
+                return row[2]
+            time.sleep(max(0.0, settings.poll_seconds - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped following app {app_id}; it goes on if a controller runs "
+                   f"('scalebox-hpc controller'), or cancel it with 'scalebox-hpc app cancel {app_id}'",
+                   err=True)
+        raise SystemExit(130)
+    finally:
+        if view:
+            view.close()
+        controller.close()
+
+
+def _summary(store, app_id: int) -> dict:
+    row = _app_row(store, app_id)
+    counts = _counts(store, app_id)
+    elapsed = (row[9] - row[7]).total_seconds() if row[9] and row[7] else None
+    return {"id": row[0], "name": row[1], "status": row[2], "site": row[3], "result": row[5],
+            "message": row[6], "elapsed_seconds": elapsed, "modules": counts}
+
+
+def _print_summary(summary: dict) -> None:
+    tasks = {k: sum(m[k] for m in summary["modules"].values()) for k in ("ok", "failed", "total")}
+    took = f" in {summary['elapsed_seconds']:.1f} s" if summary["elapsed_seconds"] is not None else ""
+    click.echo(f"app {summary['id']} ({summary['name']}) {summary['status']}{took}: "
+               f"{tasks['ok']} task(s) ok, {tasks['failed']} failed")
+    if summary["message"]:
+        click.echo(f"  {summary['message']}")
+    if summary["result"] is not None:
+        click.echo(f"result: {summary['result']}")
+
+
+def _start_background_controller() -> None:
+    logdir = config.state_dir() / "logs"
+    logdir.mkdir(parents=True, exist_ok=True)
+    with open(logdir / "controller.log", "ab") as logf:
+        subprocess.Popen([sys.executable, "-m", "scalebox_hpc", "-v", "controller"], stdin=subprocess.DEVNULL,
+                         stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@main.command()
+@click.argument("app_path", metavar="APP_DIR_OR_YAML", type=click.Path(exists=True))
+@click.option("-e", "--env-file", "env_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="KEY=VALUE file for ${VAR} placeholders (repeatable; later files win).")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Follow the app to its end (--no-wait starts a background controller if none runs).")
+@click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+def run(ctx, app_path, env_files, wait, as_json, quiet):
+    """Submit an app and run it to the end on the configured (default: embedded) database.
+
+    Exit code 0 only if the app FINISHED.
+    """
+    app, app_id = _submit(ctx, app_path, env_files, None)
+    store = _store(ctx)
+    if not wait:
+        if not _controller_running(store):
+            _start_background_controller()
+        click.echo(json.dumps({"id": app_id}) if as_json else f"submitted app {app_id} ({app.name})")
+        return
+    if not as_json:
+        click.echo(f"app {app_id} ({app.name}) submitted; running on {ctx.obj['resolved'].source}")
+    status = _follow(ctx, store, app_id, quiet=quiet or as_json)
+    summary = _summary(store, app_id)
+    emit_json(summary) if as_json else _print_summary(summary)
+    sys.exit(0 if status == "FINISHED" else 1)
+
+
+def _controller_running(store) -> bool:
+    got = store.conn.execute("SELECT pg_try_advisory_lock(726002)").fetchone()[0]
+    if got:
+        store.conn.execute("SELECT pg_advisory_unlock(726002)")
+    return not got
+
+
+@main.command()
+@click.argument("app_path", metavar="APP.yaml", type=click.Path(exists=True))
+@click.option("-e", "--env-file", "env_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="KEY=VALUE file for ${VAR} placeholders (repeatable).")
+@click.option("--site", help="Run the modules that name no site on this site.")
+@click.option("--wait", is_flag=True, help="Wait for the app to end (a controller must be running).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def submit(ctx, app_path, env_files, site, wait, as_json):
+    """Put an app into the database; a running controller does the rest."""
+    app, app_id = _submit(ctx, app_path, env_files, site)
+    store = _store(ctx)
+    if not wait:
+        click.echo(json.dumps({"id": app_id}) if as_json else f"submitted app {app_id} ({app.name})")
+        if not as_json and not _controller_running(store):
+            click.echo("note: no controller is running on this database; start one with "
+                       "'scalebox-hpc controller'", err=True)
+        return
+    while (status := _app_row(store, app_id)[2]) not in TERMINAL:
+        time.sleep(1.0)
+    summary = _summary(store, app_id)
+    emit_json(summary) if as_json else _print_summary(summary)
+    sys.exit(0 if status == "FINISHED" else 1)
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Do one pass and exit.")
+@click.pass_context
+def controller(ctx, once):
+    """The head-node daemon: sizes worker pools, recovers lost tasks, finishes apps.
+
+    Safe to stop and restart at any time; a second controller on the same database
+    stands by until the first one goes away.
+    """
+    from .controller import Controller
+
+    _store(ctx)
+    ctl = Controller(_controller_settings(ctx))
+    if not once:
+        click.echo(f"controller running on {ctx.obj['resolved'].source} (Ctrl-C to stop)", err=True)
+    try:
+        ctl.run(once=once)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ctl.close()
+
+
+@main.command()
+@click.option("--worker-id", type=int, required=True, help="Worker row created by the controller.")
+@click.option("--scratch", type=click.Path(file_okay=False), help="Node-local scratch root.")
+@click.option("--lease-seconds", type=float, default=30.0, show_default=True)
+@click.option("--idle-seconds", type=float, default=30.0, show_default=True,
+              help="Exit after this long with nothing to do.")
+@click.option("--log-file", type=click.Path(dir_okay=False))
+@click.option("-v", "--verbose", count=True)
+@click.pass_context
+def worker(ctx, worker_id, scratch, lease_seconds, idle_seconds, log_file, verbose):
+    """Claim and run tasks of one module (started by the controller, not by hand)."""
+    from .worker import Worker, WorkerSettings
+
+    _setup_logging(max(verbose, 1), log_file)
+    dsn = ctx.obj["dsn"]
+    if dsn is None:
+        dsn = config.resolve_database(None).dsn
+    scratch = scratch or os.environ.get("TMPDIR") or "/tmp"
+    settings = WorkerSettings(scratch_root=scratch, lease_seconds=lease_seconds, idle_seconds=idle_seconds)
+    sys.exit(Worker(dsn, worker_id, settings).run())
+
+
+# ---------------------------------------------------------------- app
+@main.group()
+def app():
+    """Inspect and steer apps."""
+
+
+@app.command("list")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def app_list(ctx, limit, as_json):
+    """Recent apps, newest first."""
+    store = _store(ctx)
+    rows = [dict(zip(("id", "name", "status", "site", "result", "created_at", "started_at", "finished_at"), r))
+            for r in store.q("list_apps", {"limit": limit})]
+    if as_json:
+        return emit_json(rows)
+    from .progress import table
+    table(["id", "name", "status", "site", "created", "result"],
+          [[r["id"], r["name"], r["status"], r["site"], f"{r['created_at']:%Y-%m-%d %H:%M:%S}",
+            (r["result"] or "")[:40]] for r in rows])
+
+
+@app.command("show")
+@click.argument("app_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def app_show(ctx, app_id, as_json):
+    """Per-module task counts, status and result of one app."""
+    store = _store(ctx)
+    summary = _summary(store, app_id)
+    if as_json:
+        return emit_json(summary)
+    _print_summary(summary)
+    from .progress import table
+    table(["module", "total", "ready", "running", "ok", "failed"],
+          [[m, c["total"], c["ready"], c["running"], c["ok"], c["failed"]]
+           for m, c in summary["modules"].items()])
+
+
+def _set_status(ctx, app_id: int, status: str, from_states: list[str]) -> None:
+    store = _store(ctx)
+    current = _app_row(store, app_id)[2]
+    if not store.set_app_status(app_id, status, from_states):
+        raise ScaleboxError(f"app {app_id} is {current}; only an app that is "
+                            f"{' or '.join(from_states)} can become {status}")
+    click.echo(f"app {app_id}: {current} -> {status}")
+
+
+@app.command("pause")
+@click.argument("app_id", type=int)
+@click.pass_context
+def app_pause(ctx, app_id):
+    """Stop claiming new tasks; running ones finish, workers exit."""
+    _set_status(ctx, app_id, "PAUSED", ["RUNNING"])
+
+
+@app.command("resume")
+@click.argument("app_id", type=int)
+@click.pass_context
+def app_resume(ctx, app_id):
+    """Resume a paused app."""
+    _set_status(ctx, app_id, "RUNNING", ["PAUSED"])
+
+
+@app.command("cancel")
+@click.argument("app_id", type=int)
+@click.pass_context
+def app_cancel(ctx, app_id):
+    """Cancel an app: running programs are stopped, nothing more is claimed."""
+    _set_status(ctx, app_id, "CANCELLED", ["INITIAL", "RUNNING", "PAUSED"])
+
+
+# ---------------------------------------------------------------- task
+@main.group()
+def task():
+    """Add, list, show and retry tasks."""
+
+
+def _module_id(store, app_id: int, module: str) -> int:
+    mid = store.one("module_by_name", {"app_id": app_id, "name": module})
+    if mid is None:
+        names = [r[1] for r in store.q("app_modules", {"app_id": app_id})]
+        raise NotFound(f"app {app_id} has no module '{module}' (modules: {', '.join(names)})")
+    return mid
+
+
+@task.command("add")
+@click.argument("app_id", type=int)
+@click.argument("module")
+@click.argument("bodies", nargs=-1)
+@click.option("-f", "--file", "from_file", type=click.File("r"), help="One message body per line ('-' = stdin).")
+@click.option("-H", "--header", "headers", multiple=True, help="KEY=VALUE header for every message (repeatable).")
+@click.pass_context
+def task_add(ctx, app_id, module, bodies, from_file, headers):
+    """Send messages to a module of an app (dedup applies unless -H repeatable=yes)."""
+    store = _store(ctx)
+    _app_row(store, app_id)
+    hdrs = {}
+    for item in headers:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ScaleboxError(f"--header {item!r}: expected KEY=VALUE")
+        hdrs[key] = value
+    items = list(bodies)
+    if from_file:
+        items += [line.rstrip("\r\n") for line in from_file if line.strip()]
+    if not items:
+        raise ScaleboxError("no message bodies given: pass them as arguments or with --file")
+    added = store.add_tasks(app_id, _module_id(store, app_id, module), items, hdrs)
+    click.echo(f"added {added} task(s) to {module}" + (f" ({len(items) - added} duplicate(s) skipped)"
+                                                        if added < len(items) else ""))
+
+
+@task.command("list")
+@click.argument("app_id", type=int)
+@click.option("--module", help="Only this module.")
+@click.option("--status", type=int, help="Only this status code (e.g. -1 READY, 0 OK, 124 timeout).")
+@click.option("--limit", default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def task_list(ctx, app_id, module, status, limit, as_json):
+    """Tasks of an app."""
+    store = _store(ctx)
+    keys = ("id", "module", "status", "attempts", "body", "headers", "to_host", "host", "inserted_at",
+            "finished_at")
+    rows = [dict(zip(keys, r)) for r in store.q("list_tasks", {"app_id": app_id, "module": module,
+                                                               "status": status, "limit": limit})]
+    if as_json:
+        return emit_json(rows)
+    from .progress import table
+    table(["id", "module", "status", "attempts", "body"],
+          [[r["id"], r["module"], status_name(r["status"]), r["attempts"], r["body"][:60]] for r in rows])
+
+
+@task.command("show")
+@click.argument("task_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def task_show(ctx, task_id, as_json):
+    """A task and every attempt of it, with the timestamps of each stage."""
+    store = _store(ctx)
+    cur = store.q("get_task", {"task_id": task_id})
+    row = cur.fetchone()
+    if row is None:
+        raise NotFound(f"no task with id {task_id}")
+    data = dict(zip([d.name for d in cur.description], row))
+    cur = store.q("task_execs", {"task_id": task_id})
+    cols = [d.name for d in cur.description]
+    data["executions"] = [dict(zip(cols, r)) for r in cur.fetchall()]
+    if as_json:
+        return emit_json(data)
+    click.echo(f"task {data['id']} of app {data['app_id']}, module {data['module']}: "
+               f"{status_name(data['status'])}, {len(data['executions'])} execution(s)")
+    click.echo(f"  body: {data['body'][:200]}")
+    click.echo(f"  headers: {json.dumps(data['headers'])}")
+    for e in data["executions"]:
+        click.echo(f"  attempt {e['attempt']}: code {e['status_code']} on {e['host']} (worker {e['worker_id']})"
+                   + (f" note: {e['note']}" if e["note"] else ""))
+        stamps = [(c[2:], e[c]) for c in cols if c.startswith("t_") and e[c] is not None]
+        prev = None
+        for name, ts in stamps:
+            delta = f"  +{(ts - prev).total_seconds():.3f}s" if prev else ""
+            click.echo(f"    {name:<16} {ts.isoformat()}{delta}")
+            prev = ts
+        for key in ("stdout", "stderr", "user_text", "auxout"):
+            if e[key]:
+                click.echo(f"    {key}: {e[key].rstrip()[-500:]}")
+
+
+@task.command("retry")
+@click.argument("app_id", type=int)
+@click.option("--task", "task_id", type=int, help="Only this task (default: every failed task).")
+@click.pass_context
+def task_retry(ctx, app_id, task_id):
+    """Make failed tasks READY again."""
+    store = _store(ctx)
+    with store.conn.transaction():
+        store.q("reopen_app", {"app_id": app_id})
+        rows = store.q("retry_tasks", {"app_id": app_id, "task_id": task_id}).fetchall()
+        for module_id in {r[1] for r in rows}:
+            store.q("notify_module", {"module_id": module_id, "payload": "ready"})
+    click.echo(f"{len(rows)} task(s) made READY again")
+
+
+# ---------------------------------------------------------------- semaphores, sites, db
+@main.group()
+def semaphore():
+    """Read an app's semaphores."""
+
+
+@semaphore.command("list")
+@click.argument("app_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def semaphore_list(ctx, app_id, as_json):
+    store = _store(ctx)
+    rows = [{"name": n, "value": v, "updated_at": t} for n, v, t in store.q("list_semaphores", {"app_id": app_id})]
+    if as_json:
+        return emit_json(rows)
+    for r in rows:
+        click.echo(f"{r['name']}\t{r['value']}")
+
+
+@semaphore.command("get")
+@click.argument("app_id", type=int)
+@click.argument("name")
+@click.pass_context
+def semaphore_get(ctx, app_id, name):
+    store = _store(ctx)
+    value = store.one("get_semaphore", {"app_id": app_id, "name": name})
+    if value is None:
+        raise NotFound(f"app {app_id} has no semaphore '{name}'")
+    click.echo(value)
+
+
+@main.group()
+def site():
+    """Sites known to the controller."""
+
+
+@site.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def site_list(ctx, as_json):
+    store = _store(ctx)
+    rows = [dict(zip(("name", "kind", "status", "reason", "updated_at"), r)) for r in store.q("list_sites")]
+    if as_json:
+        return emit_json(rows)
+    from .progress import table
+    table(["site", "kind", "status", "reason"], [[r["name"], r["kind"], r["status"], r["reason"] or ""]
+                                                 for r in rows])
+
+
+@main.group(name="db")
+def db_group():
+    """Create, upgrade and locate the database."""
+
+
+@db_group.command("init")
+@click.pass_context
+def db_init(ctx):
+    """Create the schema (same as upgrade on an empty database)."""
+    _upgrade(ctx)
+
+
+@db_group.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx):
+    """Apply pending schema migrations."""
+    _upgrade(ctx)
+
+
+def _upgrade(ctx) -> None:
+    with db.connect(_dsn(ctx)) as conn:
+        applied = db.upgrade(conn)
+        version = db.schema_version(conn)
+    click.echo(f"applied {', '.join(applied)}; schema at version {version}" if applied
+               else f"schema already at version {version}")
+
+
+@db_group.command("url")
+@click.pass_context
+def db_url(ctx):
+    """Print the connection string in use (starting the embedded server if it is the one)."""
+    click.echo(_dsn(ctx))
+
+
+@db_group.command("stop")
+def db_stop():
+    """Stop the embedded PostgreSQL server."""
+    from .db.embedded import EmbeddedPostgres
+
+    stopped = EmbeddedPostgres(config.state_dir() / "postgres").stop()
+    click.echo("embedded PostgreSQL stopped" if stopped else "embedded PostgreSQL was not running")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The controller: routes nothing itself. Each step it
+1. declares workers lost (process gone, or lease expired) and makes their tasks READY
+   again as an attempt with code 123 (or final, by the retry rules);
+2. sizes each module's pool of workers to its ready tasks and slots;
+3. marks apps FINISHED when no task is left to run, FAILED when workers keep failing.
+Every step is a few short transactions, so it can be killed and restarted at any
+moment; a database outage only pauses it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import psycopg
+
+from .db.store import Store
+from .errors import DatabaseUnavailable
+from .sites import LiveWorker, Site, make_sites
+
+log = logging.getLogger(__name__)
+
+MAX_WORKER_FAILURES = 3
+FAILURE_BACKOFF_SECONDS = 5.0
+
+
+@dataclass
+class ControllerSettings:
+    dsn: str
+    state_dir: str
+    scratch_root: str = ""
+    lease_seconds: float = 30.0
+    idle_seconds: float = 30.0
+    poll_seconds: float = 1.0
+    log_dir: str = field(default="")
+
+    def __post_init__(self):
+        self.scratch_root = self.scratch_root or os.path.join(self.state_dir, "scratch")
+        self.log_dir = self.log_dir or os.path.join(self.state_dir, "logs")
+
+
+class Controller:
+    def __init__(self, settings: ControllerSettings, sites: dict[str, Site] | None = None):
+        self.settings = settings
+        self.store = Store(settings.dsn)
+        self.sites = sites if sites is not None else make_sites(settings)
+        self.active = False               # holds the controller lock
+        self.recover_after = 0.0          # no lease recovery before this (monotonic)
+
+    def _connect(self) -> None:
+        """(Re)connect and try to become the active controller."""
+        conn = self.store.conn
+        was_active = self.active
+        self.active = bool(conn.execute("SELECT pg_try_advisory_lock(726002)").fetchone()[0])
+        if self.active and not was_active:
+            # Workers could not renew their leases while we (or the database) were away:
+            # give them one lease period to do so before declaring anybody lost.
+            self.recover_after = time.monotonic() + self.settings.lease_seconds
+            log.info("controller active on %s (pid %s)", socket.gethostname(), os.getpid())
+            for name, site in self.sites.items():
+                self.store.q("upsert_site", {"name": name, "kind": site.kind, "config": "{}"})
+
+    def step(self) -> dict:
+        """One pass; returns what it did (for logs and tests)."""
+        report = {"lost": 0, "recovered": 0, "started": 0, "finished": [], "failed": []}
+        try:
+            if not self.active or self.store._conn is None or self.store._conn.closed:
+                self._connect()
+            if not self.active:
+                return report
+            self._notice_dead(report)
+            if time.monotonic() >= self.recover_after:
+                lost, recovered = self.store.recover_lost()
+                report["lost"] += len(lost)
+                report["recovered"] = recovered
+                self._count_start_failures([(wid, status) for wid, _m, status in lost])
+                if recovered:
+                    log.info("recovered %d task(s) from %d lost worker(s)", recovered, len(lost))
+            self._size_pools(report)
+            report["finished"] = self.store.finish_apps()
+            for app_id in report["finished"]:
+                log.info("app %s FINISHED", app_id)
+        except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+            log.warning("database unavailable (%s); will reconnect", str(exc).strip().splitlines()[0])
+            self.store._reset()
+            self.active = False
+        return report
+
+    def _notice_dead(self, report: dict) -> None:
+        for name, site in self.sites.items():
+            live = [LiveWorker(*r) for r in self.store.q("live_workers", {"site": name})]
+            gone = site.dead(live)
+            if gone:
+                statuses = {w.id: w.status for w in live}
+                with self.store.conn.transaction():
+                    self.store.q("mark_workers_lost", {"worker_ids": gone, "message": "worker process exited"})
+                self._count_start_failures([(wid, statuses[wid]) for wid in gone])
+                report["lost"] += len(gone)
+                log.info("site %s: worker(s) %s gone", name, gone)
+
+    def _count_start_failures(self, lost: list[tuple[int, str]]) -> None:
+        for wid, status in lost:
+            if status == "PENDING":    # never registered: the launch itself failed
+                self.store.q("count_worker_failure", {"worker_id": wid})
+
+    def _size_pools(self, report: dict) -> None:
+        rows = self.store.q("module_demand", {"ready_cap": 100000}).fetchall()
+        for (module_id, app_id, name, site_name, slots, min_workers, failures, ready, live,
+             last_failure) in rows:
+            if failures >= MAX_WORKER_FAILURES:
+                last = self.store.one("last_worker_failure", {"module_id": module_id}) or "unknown reason"
+                msg = f"module {name}: {failures} workers in a row failed to start; last: {last}"
+                if self.store.set_app_status(app_id, "FAILED", ["RUNNING"], msg):
+                    log.error("app %s FAILED: %s", app_id, msg)
+                    report["failed"].append(app_id)
+                continue
+            wanted = min(slots, ready) if ready else 0
+            wanted = max(wanted, min(min_workers, slots))
+            if live >= wanted:
+                continue
+            if failures and last_failure is not None and \
+                    time.time() - last_failure.timestamp() < FAILURE_BACKOFF_SECONDS:
+                continue   # the last start failed a moment ago: do not hammer the site
+            site = self.sites.get(site_name)
+            if site is None:
+                msg = f"module {name}: unknown site '{site_name}' (known: {', '.join(sorted(self.sites))})"
+                if self.store.set_app_status(app_id, "FAILED", ["RUNNING"], msg):
+                    report["failed"].append(app_id)
+                continue
+            n = wanted - live
+            ids = [self.store.create_worker(module_id, site_name, site.start_timeout) for _ in range(n)]
+            try:
+                site.launch(ids, {"id": module_id, "name": name, "app_id": app_id})
+            except OSError as exc:
+                msg = f"cannot start worker: {exc}"
+                with self.store.conn.transaction():
+                    self.store.q("mark_workers_lost", {"worker_ids": ids, "message": msg})
+                self._count_start_failures([(wid, "PENDING") for wid in ids])
+                log.error("module %s: %s", name, msg)
+                continue
+            report["started"] += n
+
+    def run(self, *, once: bool = False, stop=None) -> None:
+        """Loop until ``stop()`` returns true (or once)."""
+        while True:
+            started = time.monotonic()
+            self.step()
+            if once or (stop is not None and stop()):
+                return
+            time.sleep(max(0.0, self.settings.poll_seconds - (time.monotonic() - started)))
+
+    def close(self) -> None:
+        for site in self.sites.values():
+            site.close()
+        self.store.close()

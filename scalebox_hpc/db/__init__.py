@@ -1,0 +1,123 @@
+"""The one place that talks to PostgreSQL: named queries, migrations, connections."""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from importlib import resources
+from typing import Callable, TypeVar
+
+import psycopg
+from psycopg.rows import dict_row
+
+from ..errors import DatabaseUnavailable, ScaleboxError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_NAME = re.compile(r"^-- name: (\w+)\s*$", re.M)
+
+
+def _load_queries() -> dict[str, str]:
+    text = resources.files(__package__).joinpath("queries.sql").read_text()
+    parts = _NAME.split(text)
+    # parts = [preamble, name1, body1, name2, body2, ...]
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2])}
+
+
+QUERIES = _load_queries()
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every migration file, in order."""
+    found = []
+    for entry in resources.files(__package__).joinpath("migrations").iterdir():
+        m = re.match(r"^(\d+)_(\w+)\.sql$", entry.name)
+        if m:
+            found.append((int(m.group(1)), m.group(2), entry.read_text()))
+    return sorted(found)
+
+
+LATEST_VERSION = migrations()[-1][0]
+
+
+def describe(dsn: str) -> str:
+    """The DSN without its password, for messages and logs."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<unparsable DSN>"
+    info.pop("password", None)
+    host = info.get("host", "localhost")
+    return f"{info.get('user', '')}@{host}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
+def connect(dsn: str, *, autocommit: bool = True, dict_rows: bool = False,
+            connect_timeout: int = 10) -> psycopg.Connection:
+    try:
+        return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=connect_timeout,
+                               row_factory=dict_row if dict_rows else psycopg.rows.tuple_row,
+                               application_name="scalebox-hpc")
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatabaseUnavailable(
+            f"cannot connect to the database {describe(dsn)}: {first} "
+            "(check SCALEBOX_DSN, the config file or the PG* variables; is PostgreSQL running?)") from exc
+
+
+def with_retry(fn: Callable[[], T], *, what: str, give_up_after: float | None = None,
+               on_retry: Callable[[], None] | None = None) -> T:
+    """Run fn, retrying with capped exponential backoff while the database is unreachable.
+
+    Workers and the controller use this so that a PostgreSQL restart costs a pause,
+    never a lost or duplicated task: every unit of work they retry is one transaction.
+    """
+    delay, started = 0.2, time.monotonic()
+    while True:
+        try:
+            return fn()
+        except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+            if give_up_after is not None and time.monotonic() - started > give_up_after:
+                raise DatabaseUnavailable(f"{what}: database unreachable for "
+                                          f"{give_up_after:.0f} s: {str(exc).strip().splitlines()[0]}") from exc
+            log.warning("%s: database unavailable (%s); retrying in %.1f s", what,
+                        str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            if on_retry:
+                on_retry()
+
+
+def schema_version(conn: psycopg.Connection) -> int:
+    exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()[0]
+    return conn.execute(QUERIES["schema_version"]).fetchone()[0] if exists else 0
+
+
+def upgrade(conn: psycopg.Connection) -> list[str]:
+    """Apply every migration newer than the database, each in its own transaction."""
+    applied = []
+    with conn.transaction():
+        # Serialise concurrent upgrades (two commands starting on a fresh database).
+        conn.execute("SELECT pg_advisory_xact_lock(726001)")
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
+                     "version integer PRIMARY KEY, name text NOT NULL, "
+                     "applied_at timestamptz NOT NULL DEFAULT now())")
+        current = schema_version(conn)
+        for version, name, sql in migrations():
+            if version <= current:
+                continue
+            with conn.transaction():
+                conn.execute(sql)
+                conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name))
+            applied.append(f"{version:04d}_{name}")
+    for item in applied:
+        log.info("applied migration %s", item)
+    return applied
+
+
+def require_schema(conn: psycopg.Connection) -> None:
+    version = schema_version(conn)
+    if version < LATEST_VERSION:
+        what = "has no scalebox-hpc schema" if version == 0 else f"has schema version {version}"
+        raise ScaleboxError(f"the database {what} (this scalebox-hpc needs {LATEST_VERSION}): "
+                            "run 'scalebox-hpc db upgrade'")

@@ -1,0 +1,135 @@
+-- Initial schema. Status codes follow upstream Scalebox (SPEC section 5):
+-- -9 INITIAL, -1 READY, -2 QUEUED (claimed), -3 RUNNING, 0 OK, >0 exit code.
+
+CREATE TABLE sites (
+    name            text PRIMARY KEY,
+    kind            text NOT NULL,
+    status          text NOT NULL DEFAULT 'OK',          -- OK | DEGRADED
+    status_reason   text,
+    config          jsonb NOT NULL DEFAULT '{}',
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE apps (
+    id              bigserial PRIMARY KEY,
+    name            text NOT NULL,
+    status          text NOT NULL DEFAULT 'INITIAL',
+    site            text NOT NULL DEFAULT 'local',
+    definition      jsonb NOT NULL,
+    result          text,
+    message         text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    started_at      timestamptz,
+    finished_at     timestamptz,
+    CONSTRAINT apps_status CHECK (status IN ('INITIAL','RUNNING','PAUSED','FINISHED','FAILED','CANCELLED'))
+);
+CREATE INDEX apps_active ON apps (status) WHERE status IN ('INITIAL','RUNNING','PAUSED');
+
+CREATE TABLE modules (
+    id              bigserial PRIMARY KEY,
+    app_id          bigint NOT NULL REFERENCES apps ON DELETE CASCADE,
+    name            text NOT NULL,
+    site            text NOT NULL,
+    definition      jsonb NOT NULL,
+    host_bound      boolean NOT NULL DEFAULT false,
+    slots           integer NOT NULL DEFAULT 1,
+    min_workers     integer NOT NULL DEFAULT 0,
+    worker_failures integer NOT NULL DEFAULT 0,          -- consecutive workers that failed to start
+    UNIQUE (app_id, name)
+);
+
+CREATE TABLE workers (
+    id              bigserial PRIMARY KEY,
+    module_id       bigint NOT NULL REFERENCES modules ON DELETE CASCADE,
+    site            text NOT NULL,
+    status          text NOT NULL DEFAULT 'PENDING',      -- PENDING | RUNNING | DRAINING | EXITED | LOST | FAILED
+    host            text,
+    ip              text,
+    pid             integer,
+    slurm_job_id    text,
+    lease_expires   timestamptz NOT NULL,
+    tasks_done      bigint NOT NULL DEFAULT 0,
+    message         text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    started_at      timestamptz,
+    heartbeat_at    timestamptz,
+    stopped_at      timestamptz
+);
+CREATE INDEX workers_live ON workers (module_id) WHERE status IN ('PENDING','RUNNING','DRAINING');
+
+CREATE TABLE tasks (
+    id              bigserial PRIMARY KEY,
+    app_id          bigint NOT NULL REFERENCES apps ON DELETE CASCADE,
+    module_id       bigint NOT NULL REFERENCES modules ON DELETE CASCADE,
+    body            text NOT NULL,
+    headers         jsonb NOT NULL DEFAULT '{}',
+    repeatable      boolean NOT NULL DEFAULT false,
+    to_host         text,
+    status          integer NOT NULL DEFAULT -1,
+    attempts        integer NOT NULL DEFAULT 0,
+    worker_id       bigint,
+    from_task_id    bigint,
+    message_created timestamptz,
+    inserted_at     timestamptz NOT NULL DEFAULT now(),
+    ready_at        timestamptz,
+    claimed_at      timestamptz,
+    finished_at     timestamptz
+);
+-- Dedup: a (module, body) pair runs once per app unless the message says repeatable.
+CREATE UNIQUE INDEX tasks_dedup ON tasks (module_id, md5(body)) WHERE NOT repeatable;
+-- The claim query walks this partial index only.
+CREATE INDEX tasks_ready ON tasks (module_id, id) WHERE status = -1;
+CREATE INDEX tasks_worker ON tasks (worker_id) WHERE status IN (-2, -3);
+-- App completion checks only the unfinished tasks of an app.
+CREATE INDEX tasks_active ON tasks (app_id) WHERE status IN (-9, -1, -2, -3);
+CREATE INDEX tasks_app ON tasks (app_id, module_id);
+
+CREATE TABLE task_exec (
+    id              bigserial PRIMARY KEY,
+    task_id         bigint NOT NULL REFERENCES tasks ON DELETE CASCADE,
+    attempt         integer NOT NULL,
+    status_code     integer NOT NULL,
+    worker_id       bigint,
+    site            text,
+    host            text,
+    ip              text,
+    slurm_job_id    text,
+    -- the task perspective, SPEC section 6
+    t_message_created   timestamptz,
+    t_inserted          timestamptz,
+    t_ready             timestamptz,
+    t_claimed           timestamptz,
+    t_received          timestamptz,
+    t_check_start       timestamptz,
+    t_check_end         timestamptz,
+    t_stagein_start     timestamptz,
+    t_stagein_end       timestamptz,
+    t_program_start     timestamptz,
+    t_program_end       timestamptz,
+    t_stageout_start    timestamptz,
+    t_stageout_end      timestamptz,
+    t_sink_committed    timestamptz DEFAULT now(),   -- the completing transaction's time
+    t_completed         timestamptz DEFAULT now(),
+    t_forward_start     timestamptz,
+    t_forward_end       timestamptz,
+    user_timestamps jsonb,
+    stdout          text,
+    stderr          text,
+    user_text       text,
+    auxout          text,
+    input_bytes     bigint,
+    output_bytes    bigint,
+    input_files     jsonb,
+    output_files    jsonb,
+    messages_out    integer NOT NULL DEFAULT 0,
+    note            text,
+    UNIQUE (task_id, attempt)
+);
+
+CREATE TABLE semaphores (
+    app_id          bigint NOT NULL REFERENCES apps ON DELETE CASCADE,
+    name            text NOT NULL,
+    value           bigint NOT NULL DEFAULT 0,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (app_id, name)
+);

@@ -1,0 +1,268 @@
+-- Every SQL statement the project runs, by name. scalebox_hpc/db/store.py turns
+-- them into Python calls; nothing else in the package writes SQL.
+-- Placeholders are psycopg named parameters.
+
+-- name: schema_version
+SELECT coalesce(max(version), 0) FROM schema_migrations;
+
+-- name: create_app
+INSERT INTO apps (name, status, site, definition, started_at)
+VALUES (%(name)s, %(status)s, %(site)s, %(definition)s, CASE WHEN %(status)s = 'RUNNING' THEN now() END)
+RETURNING id;
+
+-- name: create_module
+INSERT INTO modules (app_id, name, site, definition, host_bound, slots, min_workers)
+VALUES (%(app_id)s, %(name)s, %(site)s, %(definition)s, %(host_bound)s, %(slots)s, %(min_workers)s)
+RETURNING id;
+
+-- name: insert_tasks
+-- Dedup: rows whose (module, body) already ran are skipped unless repeatable.
+-- New READY tasks wake the idle workers of their module (one notify per module).
+WITH ins AS (
+    INSERT INTO tasks (app_id, module_id, body, headers, repeatable, to_host, from_task_id,
+                       message_created, ready_at, status)
+    SELECT %(app_id)s, x.m, x.b, x.h::jsonb, x.r, x.th, x.ft, coalesce(x.mc, now()), now(), -1
+    FROM unnest(%(module_ids)s::bigint[], %(bodies)s::text[], %(headers)s::text[],
+                %(repeatable)s::boolean[], %(to_hosts)s::text[], %(from_tasks)s::bigint[],
+                %(created)s::timestamptz[]) AS x(m, b, h, r, th, ft, mc)
+    ON CONFLICT (module_id, md5(body)) WHERE NOT repeatable DO NOTHING
+    RETURNING module_id
+)
+SELECT m, count(*), pg_notify('sbx_m' || m, 'ready') FROM ins GROUP BY m;
+
+-- name: reopen_app
+UPDATE apps SET status = 'RUNNING', finished_at = NULL
+WHERE id = %(app_id)s AND status = 'FINISHED';
+
+-- name: get_app
+SELECT id, name, status, site, definition, result, message, created_at, started_at, finished_at
+FROM apps WHERE id = %(app_id)s;
+
+-- name: list_apps
+SELECT id, name, status, site, result, created_at, started_at, finished_at
+FROM apps ORDER BY id DESC LIMIT %(limit)s;
+
+-- name: set_app_status
+-- Moves an app between states; only the listed current states may change.
+UPDATE apps SET status = %(status)s, message = coalesce(%(message)s, message),
+       started_at = CASE WHEN %(status)s = 'RUNNING' THEN coalesce(started_at, now()) ELSE started_at END,
+       finished_at = CASE WHEN %(status)s IN ('FINISHED', 'FAILED', 'CANCELLED') THEN now() END
+WHERE id = %(app_id)s AND status = ANY(%(from_states)s)
+RETURNING id;
+
+-- name: notify_app_modules
+SELECT pg_notify('sbx_m' || id, %(payload)s) FROM modules WHERE app_id = %(app_id)s;
+
+-- name: app_modules
+SELECT id, name, site, definition, host_bound, slots, min_workers
+FROM modules WHERE app_id = %(app_id)s ORDER BY id;
+
+-- name: get_module
+SELECT m.id, m.app_id, m.name, m.site, m.definition, m.host_bound, m.slots, a.definition AS app_definition
+FROM modules m JOIN apps a ON a.id = m.app_id WHERE m.id = %(module_id)s;
+
+-- name: module_by_name
+SELECT id FROM modules WHERE app_id = %(app_id)s AND name = %(name)s;
+
+-- name: task_counts
+-- Per module and status, for progress bars and app show.
+SELECT m.name, t.status, count(*)
+FROM tasks t JOIN modules m ON m.id = t.module_id
+WHERE t.app_id = %(app_id)s GROUP BY m.name, t.status;
+
+-- name: module_demand
+-- What the controller sizes pools from: ready tasks (counted up to a cap) and live workers.
+SELECT m.id, m.app_id, m.name, m.site, m.slots, m.min_workers, m.worker_failures,
+       (SELECT count(*) FROM (SELECT 1 FROM tasks t WHERE t.module_id = m.id AND t.status = -1
+                              LIMIT %(ready_cap)s) r) AS ready,
+       (SELECT count(*) FROM workers w WHERE w.module_id = m.id
+                                        AND w.status IN ('PENDING', 'RUNNING', 'DRAINING')) AS live,
+       (SELECT max(w.stopped_at) FROM workers w WHERE w.module_id = m.id AND w.status = 'FAILED') AS last_failure
+FROM modules m JOIN apps a ON a.id = m.app_id
+WHERE a.status = 'RUNNING'
+ORDER BY m.id;
+
+-- name: create_worker
+INSERT INTO workers (module_id, site, status, lease_expires)
+VALUES (%(module_id)s, %(site)s, 'PENDING', now() + make_interval(secs => %(start_timeout)s))
+RETURNING id;
+
+-- name: start_worker
+UPDATE workers SET status = 'RUNNING', host = %(host)s, ip = %(ip)s, pid = %(pid)s,
+       slurm_job_id = %(slurm_job_id)s, started_at = now(), heartbeat_at = now(),
+       lease_expires = now() + make_interval(secs => %(lease_seconds)s)
+WHERE id = %(worker_id)s AND status = 'PENDING'
+RETURNING module_id;
+
+-- name: worker_ready
+-- The worker's setup hook passed: its module's run of failed starts is over.
+UPDATE modules SET worker_failures = 0
+WHERE id = (SELECT module_id FROM workers WHERE id = %(worker_id)s) AND worker_failures <> 0;
+
+-- name: heartbeat
+-- Renews the lease on all of a worker's tasks at once (the lease lives on the worker).
+-- No row back means the controller declared this worker lost: it must stop at once.
+UPDATE workers w SET lease_expires = now() + make_interval(secs => %(lease_seconds)s), heartbeat_at = now()
+FROM modules m JOIN apps a ON a.id = m.app_id
+WHERE w.id = %(worker_id)s AND w.status IN ('RUNNING', 'DRAINING') AND m.id = w.module_id
+RETURNING a.status;
+
+-- name: stop_worker
+UPDATE workers SET status = %(status)s, message = %(message)s, stopped_at = now()
+WHERE id = %(worker_id)s AND status IN ('PENDING', 'RUNNING', 'DRAINING');
+
+-- name: count_worker_failure
+UPDATE modules SET worker_failures = worker_failures + 1
+WHERE id = (SELECT module_id FROM workers WHERE id = %(worker_id)s);
+
+-- name: claim_tasks
+-- Batch claim. SKIP LOCKED lets concurrent workers take disjoint batches; a worker
+-- that the controller declared lost, or a paused app, claims nothing.
+WITH c AS (
+    SELECT t.id FROM tasks t
+    WHERE t.module_id = %(module_id)s AND t.status = -1
+      AND (NOT %(host_bound)s OR t.to_host IS NULL OR t.to_host = %(host)s)
+      AND EXISTS (SELECT 1 FROM apps a WHERE a.id = %(app_id)s AND a.status = 'RUNNING')
+      AND EXISTS (SELECT 1 FROM workers w WHERE w.id = %(worker_id)s AND w.status = 'RUNNING')
+    ORDER BY t.id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE tasks t SET status = -2, worker_id = %(worker_id)s, attempts = t.attempts + 1, claimed_at = now()
+FROM c WHERE t.id = c.id
+RETURNING t.id, t.body, t.headers, t.attempts, t.message_created, t.inserted_at, t.ready_at, t.claimed_at;
+
+-- name: mark_running
+UPDATE tasks SET status = -3
+WHERE id = %(task_id)s AND worker_id = %(worker_id)s AND status = -2;
+
+-- name: return_tasks
+-- A draining worker hands back tasks it never started: no attempt is counted.
+UPDATE tasks SET status = -1, worker_id = NULL, attempts = attempts - 1, ready_at = now(), claimed_at = NULL
+WHERE (%(task_ids)s::bigint[] IS NULL OR id = ANY(%(task_ids)s::bigint[]))
+  AND worker_id = %(worker_id)s AND status IN (-2, -3)
+RETURNING module_id;
+
+-- name: exec_counts
+-- How many earlier attempts of these tasks ended with each code (for retry rules).
+SELECT task_id, status_code, count(*) FROM task_exec
+WHERE task_id = ANY(%(task_ids)s) GROUP BY task_id, status_code;
+
+-- name: complete_tasks
+-- Only the attempt this worker still holds may complete: a late answer from an
+-- attempt whose lease was recovered changes nothing (exactly-once routing).
+UPDATE tasks t
+SET status = x.status,
+    worker_id = CASE WHEN x.status = -1 THEN NULL ELSE t.worker_id END,
+    ready_at = CASE WHEN x.status = -1 THEN now() ELSE t.ready_at END,
+    finished_at = CASE WHEN x.status = -1 THEN NULL ELSE now() END
+FROM unnest(%(task_ids)s::bigint[], %(attempts)s::integer[], %(statuses)s::integer[]) AS x(id, attempt, status)
+WHERE t.id = x.id AND t.worker_id = %(worker_id)s AND t.status IN (-2, -3) AND t.attempts = x.attempt
+RETURNING t.id, t.status;
+
+-- name: notify_module
+SELECT pg_notify('sbx_m' || %(module_id)s, %(payload)s);
+
+-- name: count_done
+UPDATE workers SET tasks_done = tasks_done + %(n)s WHERE id = %(worker_id)s;
+
+-- name: apply_semaphore
+INSERT INTO semaphores AS s (app_id, name, value)
+VALUES (%(app_id)s, %(name)s, CASE %(op)s WHEN '-' THEN -%(value)s::bigint ELSE %(value)s::bigint END)
+ON CONFLICT (app_id, name) DO UPDATE
+SET value = CASE %(op)s WHEN '+' THEN s.value + %(value)s
+                        WHEN '-' THEN s.value - %(value)s
+                        ELSE %(value)s END,
+    updated_at = now();
+
+-- name: set_app_result
+UPDATE apps SET result = %(result)s WHERE id = %(app_id)s;
+
+-- name: list_semaphores
+SELECT name, value, updated_at FROM semaphores WHERE app_id = %(app_id)s ORDER BY name;
+
+-- name: get_semaphore
+SELECT value FROM semaphores WHERE app_id = %(app_id)s AND name = %(name)s;
+
+-- name: expire_workers
+-- Workers whose lease ran out (killed, node lost, never started) are lost.
+UPDATE workers SET status = 'LOST', stopped_at = now(),
+       message = CASE status WHEN 'PENDING' THEN 'did not start in time' ELSE 'lease expired: no heartbeat' END
+WHERE status IN ('PENDING', 'RUNNING', 'DRAINING') AND lease_expires < now()
+RETURNING id, module_id, status;
+
+-- name: orphaned_tasks
+-- Tasks still held by a worker that is gone.
+SELECT t.id, t.attempts, t.module_id, t.worker_id, t.message_created, t.inserted_at, t.ready_at,
+       t.claimed_at, w.site, w.host, w.ip, w.slurm_job_id, m.definition->'retry_rules' AS retry_rules,
+       (SELECT count(*) FROM task_exec e WHERE e.task_id = t.id AND e.status_code = 123) AS lost_before
+FROM tasks t JOIN workers w ON w.id = t.worker_id JOIN modules m ON m.id = t.module_id
+WHERE t.status IN (-2, -3) AND w.status IN ('LOST', 'EXITED', 'FAILED')
+ORDER BY t.id
+LIMIT 5000
+FOR UPDATE OF t SKIP LOCKED;
+
+-- name: finish_apps
+-- An app whose tasks are all final is FINISHED.
+UPDATE apps a SET status = 'FINISHED', finished_at = now()
+WHERE a.status = 'RUNNING'
+  AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.app_id = a.id AND t.status IN (-9, -1, -2, -3))
+RETURNING a.id;
+
+-- name: fail_app_for_workers
+UPDATE apps SET status = 'FAILED', finished_at = now(), message = %(message)s
+WHERE id = %(app_id)s AND status = 'RUNNING';
+
+-- name: last_worker_failure
+SELECT message FROM workers WHERE module_id = %(module_id)s AND status IN ('FAILED', 'LOST')
+ORDER BY stopped_at DESC NULLS LAST LIMIT 1;
+
+-- name: list_tasks
+SELECT t.id, m.name AS module, t.status, t.attempts, t.body, t.headers, t.to_host,
+       w.host, t.inserted_at, t.finished_at
+FROM tasks t JOIN modules m ON m.id = t.module_id LEFT JOIN workers w ON w.id = t.worker_id
+WHERE t.app_id = %(app_id)s
+  AND (%(module)s::text IS NULL OR m.name = %(module)s)
+  AND (%(status)s::integer IS NULL OR t.status = %(status)s)
+ORDER BY t.id
+LIMIT %(limit)s;
+
+-- name: get_task
+SELECT t.id, t.app_id, m.name AS module, t.status, t.attempts, t.body, t.headers, t.to_host,
+       t.repeatable, t.from_task_id, t.message_created, t.inserted_at, t.ready_at, t.claimed_at, t.finished_at
+FROM tasks t JOIN modules m ON m.id = t.module_id WHERE t.id = %(task_id)s;
+
+-- name: task_execs
+SELECT * FROM task_exec WHERE task_id = %(task_id)s ORDER BY attempt;
+
+-- name: retry_tasks
+-- Operator retry: final failed tasks become READY again.
+UPDATE tasks SET status = -1, ready_at = now(), finished_at = NULL, worker_id = NULL
+WHERE app_id = %(app_id)s AND status > 0 AND (%(task_id)s::bigint IS NULL OR id = %(task_id)s)
+RETURNING id, module_id;
+
+-- name: list_workers
+SELECT w.id, m.name AS module, w.site, w.status, w.host, w.pid, w.slurm_job_id, w.tasks_done,
+       w.started_at, w.heartbeat_at, w.stopped_at, w.message
+FROM workers w JOIN modules m ON m.id = w.module_id
+WHERE m.app_id = %(app_id)s ORDER BY w.id;
+
+-- name: upsert_site
+INSERT INTO sites (name, kind, config) VALUES (%(name)s, %(kind)s, %(config)s)
+ON CONFLICT (name) DO UPDATE SET kind = EXCLUDED.kind, config = EXCLUDED.config, updated_at = now();
+
+-- name: list_sites
+SELECT name, kind, status, status_reason, updated_at FROM sites ORDER BY name;
+
+-- name: live_workers
+SELECT w.id, w.module_id, w.status, w.host, w.pid, w.slurm_job_id
+FROM workers w WHERE w.site = %(site)s AND w.status IN ('PENDING', 'RUNNING', 'DRAINING');
+
+-- name: mark_workers_lost
+UPDATE workers SET status = 'LOST', stopped_at = now(), message = %(message)s
+WHERE id = ANY(%(worker_ids)s) AND status IN ('PENDING', 'RUNNING', 'DRAINING');
+
+-- name: try_controller_lock
+-- One active controller per database; others stand by (a session lock: it goes
+-- with the controller's connection, so a killed controller frees it at once).
+SELECT pg_try_advisory_lock(726002);

@@ -1,0 +1,314 @@
+"""Python calls over the named queries: what workers, the controller and the CLI do
+to the database. Each method is one transaction unless it says otherwise."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Iterable, Sequence
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from . import QUERIES, connect, with_retry
+from ..taskfiles import should_retry
+
+log = logging.getLogger(__name__)
+
+# Columns a worker or the controller fills in a task_exec row (the rest have defaults).
+EXEC_COLUMNS = (
+    "task_id", "attempt", "status_code", "worker_id", "site", "host", "ip", "slurm_job_id",
+    "t_message_created", "t_inserted", "t_ready", "t_claimed", "t_received",
+    "t_check_start", "t_check_end", "t_stagein_start", "t_stagein_end",
+    "t_program_start", "t_program_end", "t_stageout_start", "t_stageout_end",
+    "t_forward_start", "t_forward_end", "user_timestamps", "stdout", "stderr", "user_text",
+    "auxout", "input_bytes", "output_bytes", "input_files", "output_files", "messages_out", "note",
+)
+_JSON_COLUMNS = {"user_timestamps", "input_files", "output_files"}
+_COPY_EXEC = f"COPY task_exec ({', '.join(EXEC_COLUMNS)}) FROM STDIN"
+
+LOST_CODE = 123
+
+
+@dataclass
+class Message:
+    """A task to insert: one message addressed to one module."""
+    module_id: int
+    body: str
+    headers: dict = field(default_factory=dict)
+    created: datetime | None = None
+    from_task_id: int | None = None
+
+    @property
+    def repeatable(self) -> bool:
+        return str(self.headers.get("repeatable", "")).lower() in ("yes", "true", "1")
+
+    @property
+    def to_host(self) -> str | None:
+        value = self.headers.get("to_host")
+        return str(value) if value else None
+
+
+@dataclass
+class ClaimedTask:
+    id: int
+    body: str
+    headers: dict
+    attempt: int
+    message_created: datetime | None
+    inserted_at: datetime
+    ready_at: datetime | None
+    claimed_at: datetime
+
+
+@dataclass
+class TaskResult:
+    """One finished attempt, as the worker hands it to ``complete``."""
+    task_id: int
+    attempt: int
+    code: int
+    record: dict[str, Any]                        # task_exec columns
+    messages: list[Message] = field(default_factory=list)
+    semaphores: list[tuple[str, str, int]] = field(default_factory=list)
+    app_result: str | None = None
+
+
+def _exec_row(record: dict[str, Any]) -> list:
+    return [Jsonb(record[c]) if c in _JSON_COLUMNS and record.get(c) is not None else record.get(c)
+            for c in EXEC_COLUMNS]
+
+
+class Store:
+    """A database connection plus the operations on it.
+
+    ``retrying`` runs an operation again after reconnecting while the database is
+    down, so callers may treat a PostgreSQL restart as a pause.
+    """
+
+    def __init__(self, dsn: str, *, listen: Sequence[str] = ()):
+        self.dsn = dsn
+        self.listen = tuple(listen)
+        self._conn: psycopg.Connection | None = None
+
+    @property
+    def conn(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = connect(self.dsn)
+            for channel in self.listen:
+                self._conn.execute(f"LISTEN {channel}")
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _reset(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001 - the connection is already broken
+                pass
+            self._conn = None
+
+    def retrying(self, fn, *, what: str, give_up_after: float | None = None):
+        return with_retry(fn, what=what, give_up_after=give_up_after, on_retry=self._reset)
+
+    def q(self, name: str, params: dict | None = None) -> psycopg.Cursor:
+        return self.conn.execute(QUERIES[name], params or {})
+
+    def one(self, name: str, params: dict | None = None):
+        row = self.q(name, params).fetchone()
+        return row[0] if row else None
+
+    def wait_notify(self, timeout: float) -> list[str]:
+        """Payloads of notifications on the LISTENed channels, waiting up to timeout."""
+        return [n.payload for n in self.conn.notifies(timeout=timeout, stop_after=1)]
+
+    # -- apps -------------------------------------------------------------------
+    def create_app(self, app_json: dict, modules: list[dict], start: Iterable[tuple[str, str]],
+                   status: str = "RUNNING") -> int:
+        """App, modules and start tasks in one transaction: all or nothing."""
+        with self.conn.transaction():
+            app_id = self.one("create_app", {"name": app_json["name"], "status": status,
+                                             "site": app_json.get("site", "local"),
+                                             "definition": Jsonb(app_json)})
+            ids = {}
+            for mod in modules:
+                ids[mod["name"]] = self.one("create_module", {
+                    "app_id": app_id, "name": mod["name"], "site": mod["site"],
+                    "definition": Jsonb(mod), "host_bound": mod.get("task_dist_mode") == "HOST-BOUND",
+                    "slots": mod.get("slots", 1), "min_workers": mod.get("min_workers", 0)})
+            self.insert_messages(app_id, [Message(ids[m], body) for m, body in start])
+        return app_id
+
+    def insert_messages(self, app_id: int, messages: Sequence[Message]) -> dict[int, int]:
+        """Insert tasks (dedup applies); returns inserted count per module id."""
+        if not messages:
+            return {}
+        rows = self.q("insert_tasks", {
+            "app_id": app_id,
+            "module_ids": [m.module_id for m in messages],
+            "bodies": [m.body for m in messages],
+            "headers": [json.dumps(m.headers) for m in messages],
+            "repeatable": [m.repeatable for m in messages],
+            "to_hosts": [m.to_host for m in messages],
+            "from_tasks": [m.from_task_id for m in messages],
+            "created": [m.created for m in messages],
+        }).fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def add_tasks(self, app_id: int, module_id: int, bodies: Sequence[str], headers: dict) -> int:
+        with self.conn.transaction():
+            self.q("reopen_app", {"app_id": app_id})
+            counts = self.insert_messages(app_id, [Message(module_id, b, dict(headers)) for b in bodies])
+        return sum(counts.values())
+
+    def set_app_status(self, app_id: int, status: str, from_states: Sequence[str],
+                       message: str | None = None) -> bool:
+        with self.conn.transaction():
+            changed = self.one("set_app_status", {"app_id": app_id, "status": status,
+                                                  "from_states": list(from_states), "message": message})
+            if changed:
+                self.q("notify_app_modules", {"app_id": app_id, "payload": status})
+        return changed is not None
+
+    # -- workers ----------------------------------------------------------------
+    def start_worker(self, worker_id: int, *, host: str, ip: str, pid: int, slurm_job_id: str | None,
+                     lease_seconds: float) -> int | None:
+        return self.one("start_worker", {"worker_id": worker_id, "host": host, "ip": ip, "pid": pid,
+                                         "slurm_job_id": slurm_job_id, "lease_seconds": lease_seconds})
+
+    def heartbeat(self, worker_id: int, lease_seconds: float) -> str | None:
+        """The app's status, or None when this worker's lease is gone."""
+        return self.one("heartbeat", {"worker_id": worker_id, "lease_seconds": lease_seconds})
+
+    def stop_worker(self, worker_id: int, status: str, message: str | None = None,
+                    count_failure: bool = False) -> None:
+        with self.conn.transaction():
+            self.q("stop_worker", {"worker_id": worker_id, "status": status, "message": message})
+            if count_failure:
+                self.q("count_worker_failure", {"worker_id": worker_id})
+
+    # -- the task queue -------------------------------------------------------------
+    def claim(self, *, worker_id: int, module_id: int, app_id: int, host: str, host_bound: bool,
+              limit: int) -> list[ClaimedTask]:
+        rows = self.q("claim_tasks", {"worker_id": worker_id, "module_id": module_id, "app_id": app_id,
+                                      "host": host, "host_bound": host_bound, "limit": limit}).fetchall()
+        return sorted((ClaimedTask(*r) for r in rows), key=lambda t: t.id)
+
+    def mark_running(self, worker_id: int, task_id: int) -> None:
+        # Losing this mark in a crash is harmless, so it need not wait for the WAL flush.
+        with self.conn.transaction():
+            self.conn.execute("SET LOCAL synchronous_commit = off")
+            self.q("mark_running", {"worker_id": worker_id, "task_id": task_id})
+
+    def return_tasks(self, worker_id: int, task_ids: Sequence[int] | None) -> int:
+        """Hand back the given tasks, or all the worker holds (None), without counting an attempt."""
+        with self.conn.transaction():
+            rows = self.q("return_tasks", {"worker_id": worker_id,
+                                           "task_ids": None if task_ids is None else list(task_ids)}).fetchall()
+            for module_id in {r[0] for r in rows}:
+                self.q("notify_module", {"module_id": module_id, "payload": "ready"})
+        return len(rows)
+
+    def complete(self, *, worker_id: int, app_id: int, results: Sequence[TaskResult],
+                 retry_rules: Sequence[tuple[str, int]]) -> int:
+        """Commit finished attempts, each with its exec row, sink messages, semaphores
+        and app result, in one transaction. Attempts this worker no longer holds
+        (lease recovered meanwhile) are dropped whole. Returns how many were applied."""
+        if not results:
+            return 0
+        with self.conn.transaction():
+            statuses = self._final_statuses(results, retry_rules)
+            rows = self.q("complete_tasks", {
+                "worker_id": worker_id,
+                "task_ids": [r.task_id for r in results],
+                "attempts": [r.attempt for r in results],
+                "statuses": [statuses[r.task_id] for r in results],
+            }).fetchall()
+            held = {r[0] for r in rows}
+            applied = [r for r in results if r.task_id in held]
+            if len(applied) < len(results):
+                log.warning("dropped %d result(s) of attempts whose lease was recovered",
+                            len(results) - len(applied))
+            with self.conn.cursor().copy(_COPY_EXEC) as copy:
+                for r in applied:
+                    copy.write_row(_exec_row(r.record))
+            self.insert_messages(app_id, [m for r in applied for m in r.messages])
+            for r in applied:
+                for name, op, value in r.semaphores:
+                    self.q("apply_semaphore", {"app_id": app_id, "name": name, "op": op, "value": value})
+                if r.app_result is not None:
+                    self.q("set_app_result", {"app_id": app_id, "result": r.app_result})
+            if any(statuses[r.task_id] == -1 for r in applied):
+                # Retried tasks are READY again: wake idle workers of this module.
+                self.q("notify_module", {"module_id": self._module_of(worker_id), "payload": "ready"})
+            self.q("count_done", {"worker_id": worker_id, "n": len(applied)})
+        return len(applied)
+
+    def _module_of(self, worker_id: int) -> int:
+        return self.conn.execute("SELECT module_id FROM workers WHERE id = %s", (worker_id,)).fetchone()[0]
+
+    def _final_statuses(self, results: Sequence[TaskResult],
+                        rules: Sequence[tuple[str, int]]) -> dict[int, int]:
+        """Status each attempt leaves its task in: its code, or READY (-1) to retry."""
+        statuses = {r.task_id: r.code for r in results}
+        failed = [r for r in results if r.code != 0]
+        if failed and rules:
+            counts: dict[tuple[int, int], int] = {}
+            for task_id, code, n in self.q("exec_counts", {"task_ids": [r.task_id for r in failed]}):
+                counts[(task_id, code)] = n
+            for r in failed:
+                if should_retry(rules, r.code, counts.get((r.task_id, r.code), 0) + 1):
+                    statuses[r.task_id] = -1
+        return statuses
+
+    # -- controller -------------------------------------------------------------------
+    def recover_lost(self) -> tuple[list[tuple[int, int, str]], int]:
+        """Declare workers with expired leases lost and give their tasks back (code 123).
+
+        Returns (lost workers, tasks recovered)."""
+        with self.conn.transaction():
+            lost = self.q("expire_workers").fetchall()
+            orphans = self.q("orphaned_tasks").fetchall()
+            if not orphans:
+                return lost, 0
+            ids, attempts, statuses, records, modules = [], [], [], [], set()
+            for (task_id, attempt, module_id, worker_id, created, inserted, ready, claimed,
+                 site, host, ip, job, rules, lost_before) in orphans:
+                rules = [tuple(r) for r in rules or []]
+                retry = should_retry(rules, LOST_CODE, lost_before + 1)
+                ids.append(task_id)
+                attempts.append(attempt)
+                statuses.append(-1 if retry else LOST_CODE)
+                modules.add(module_id)
+                records.append({"task_id": task_id, "attempt": attempt, "status_code": LOST_CODE,
+                                "worker_id": worker_id, "site": site, "host": host, "ip": ip,
+                                "slurm_job_id": job, "t_message_created": created, "t_inserted": inserted,
+                                "t_ready": ready, "t_claimed": claimed,
+                                "note": "lease lost: the worker died or stopped heart-beating"})
+            self.conn.execute(
+                "UPDATE tasks t SET status = x.s, worker_id = NULL,"
+                " ready_at = CASE WHEN x.s = -1 THEN now() ELSE t.ready_at END,"
+                " finished_at = CASE WHEN x.s = -1 THEN NULL ELSE now() END"
+                " FROM unnest(%s::bigint[], %s::integer[]) AS x(id, s) WHERE t.id = x.id",
+                (ids, statuses))
+            with self.conn.cursor().copy(_COPY_EXEC) as copy:
+                for rec in records:
+                    copy.write_row(_exec_row(rec))
+            for module_id in modules:
+                self.q("notify_module", {"module_id": module_id, "payload": "ready"})
+        return lost, len(ids)
+
+    def create_worker(self, module_id: int, site: str, start_timeout: float) -> int:
+        return self.one("create_worker", {"module_id": module_id, "site": site,
+                                          "start_timeout": start_timeout})
+
+    def finish_apps(self) -> list[int]:
+        with self.conn.transaction():
+            done = [r[0] for r in self.q("finish_apps").fetchall()]
+            for app_id in done:
+                self.q("notify_app_modules", {"app_id": app_id, "payload": "FINISHED"})
+        return done

@@ -1,0 +1,46 @@
+"""Exception types: one per kind of failure a user can fix.
+
+The CLI catches ``ScaleboxError`` once and prints ``str(exc)`` as a single line;
+anything else is an internal error whose traceback goes to the log.
+"""
+from __future__ import annotations
+
+
+class ScaleboxError(Exception):
+    """A failure the user can fix; ``str()`` is one line saying what and how."""
+
+
+class ConfigError(ScaleboxError):
+    """Bad app definition, site config, env file or settings.
+
+    Rendered as ``FILE:LINE: KEY: message`` with the parts that are known.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None,
+                 line: int | None = None):
+        self.message = message
+        self.file = file
+        self.key = key
+        self.line = line
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = ""
+        if self.file:
+            where = f"{self.file}:{self.line}: " if self.line else f"{self.file}: "
+        elif self.line:
+            where = f"line {self.line}: "
+        key = f"{self.key}: " if self.key else ""
+        return f"{where}{key}{self.message}"
+
+
+class TaskFileError(ScaleboxError):
+    """A file a module program left in WORK_DIR is malformed (the task fails, nothing applied)."""
+
+
+class DatabaseUnavailable(ScaleboxError):
+    """The database cannot be reached."""
+
+
+class NotFound(ScaleboxError):
+    """An app, task, module or site named on the command line does not exist."""

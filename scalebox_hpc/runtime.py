@@ -1,0 +1,175 @@
+"""How a module's program is started: on the host, or built into the worker.
+
+A runtime turns (program, body, headers, env, WORK_DIR, timeout) into an exit code
+and captured output. Container runtimes (Apptainer/Singularity) implement the same
+``run`` on top of this one.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+TIMEOUT_CODE = 124
+KILL_GRACE_SECONDS = 5.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class ProgramResult:
+    code: int
+    started: datetime
+    ended: datetime
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+    killed: bool = False         # stopped by the worker (lease lost, app cancelled)
+
+
+class OutputBuffer:
+    """An in-memory file the program writes stdout or stderr to.
+
+    One per worker, reused for every task: no file in WORK_DIR, no pipe thread.
+    Keeps ``limit`` bytes from the head or the tail.
+    """
+
+    def __init__(self, name: str, limit: int, keep: str = "tail"):
+        self.fd = os.memfd_create(f"scalebox-{name}", os.MFD_CLOEXEC)
+        self.limit = limit
+        self.keep = keep
+
+    def reset(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+
+    def text(self) -> str:
+        size = os.fstat(self.fd).st_size
+        if size == 0:
+            return ""
+        if size <= self.limit:
+            data = os.pread(self.fd, size, 0)
+        elif self.keep == "head":
+            data = os.pread(self.fd, self.limit, 0) + b"\n[... truncated by scalebox-hpc]"
+        else:
+            data = b"[truncated by scalebox-hpc ...]\n" + os.pread(self.fd, self.limit, size - self.limit)
+        return data.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Runtime:
+    """Starts one program per task. Subclasses decide what the argv becomes."""
+
+    def command(self, program: str, body: str, headers_json: str) -> list[str]:
+        return [program, body, headers_json]
+
+    def run(self, program: str, body: str, headers_json: str, *, env: dict[str, str], cwd: str,
+            timeout: float | None, stdout: OutputBuffer, stderr: OutputBuffer,
+            on_start=None) -> ProgramResult:
+        raise NotImplementedError
+
+
+class HostRuntime(Runtime):
+    """The program runs directly on the worker's node, in its own process group."""
+
+    def __init__(self):
+        self._proc: subprocess.Popen | None = None
+        self._killed = False
+
+    def run(self, program, body, headers_json, *, env, cwd, timeout, stdout, stderr, on_start=None):
+        stdout.reset()
+        stderr.reset()
+        self._killed = False
+        started = utcnow()
+        try:
+            # Body and headers travel as argv elements: no shell ever sees them.
+            proc = subprocess.Popen(self.command(program, body, headers_json), cwd=cwd, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=stdout.fd, stderr=stderr.fd,
+                                    start_new_session=True)
+        except OSError as exc:
+            # Same code a shell gives for a program it cannot run.
+            os.write(stderr.fd, f"scalebox-hpc: cannot start {program}: {exc.strerror}\n".encode())
+            return ProgramResult(126 if os.path.exists(program) else 127, started, utcnow(),
+                                 stdout.text(), stderr.text())
+        self._proc = proc
+        if on_start:
+            on_start()
+        timed_out = False
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            self._terminate(proc)
+            code = TIMEOUT_CODE
+        finally:
+            self._proc = None
+        ended = utcnow()
+        if timed_out:
+            os.write(stderr.fd, f"\nscalebox-hpc: killed after task_max_seconds={timeout:g}\n".encode())
+        elif code < 0:
+            code = 128 - code  # killed by a signal: report it the way a shell does
+        return ProgramResult(code, started, ended, stdout.text(), stderr.text(), timed_out, self._killed)
+
+    @staticmethod
+    def _terminate(proc: subprocess.Popen) -> None:
+        """SIGTERM the whole process group, SIGKILL it after a grace period."""
+        for sig, wait in ((signal.SIGTERM, KILL_GRACE_SECONDS), (signal.SIGKILL, None)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=wait)
+                if sig == signal.SIGTERM:
+                    # The leader exited; make sure no child of it lingers.
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def kill(self) -> None:
+        """Stop the running program (called from another thread)."""
+        proc = self._proc
+        if proc is not None:
+            self._killed = True
+            self._terminate(proc)
+
+
+class BuiltinRuntime(Runtime):
+    """Programs built into the worker, named '@name'. '@noop' does nothing and exits 0:
+    it measures the queue itself, with no process start in the way."""
+
+    def run(self, program, body, headers_json, *, env, cwd, timeout, stdout, stderr, on_start=None):
+        now = utcnow()
+        if program != "@noop":
+            return ProgramResult(127, now, now, "", f"scalebox-hpc: unknown builtin program {program}\n")
+        return ProgramResult(0, now, now, "", "")
+
+    def kill(self) -> None:
+        pass
+
+
+def runtime_for(program: str | None, base_image: str) -> Runtime:
+    if program and program.startswith("@"):
+        return BuiltinRuntime()
+    if base_image in ("host", "", None):
+        return HostRuntime()
+    from .errors import ConfigError
+    raise ConfigError(f"container images need a site with an Apptainer/Singularity runtime; "
+                      f"this site runs base_image 'host' only (got {base_image!r})", key="base_image")
+
+
+def sleep_until(deadline: float) -> None:
+    remaining = deadline - time.monotonic()
+    if remaining > 0:
+        time.sleep(remaining)

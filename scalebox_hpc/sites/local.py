@@ -1,0 +1,65 @@
+"""The local site: workers are processes on this machine (the embedded default)."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from . import LiveWorker, Site
+
+log = logging.getLogger(__name__)
+
+
+class LocalSite(Site):
+    name = "local"
+    kind = "local"
+    start_timeout = 60.0
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.host = socket.gethostname()
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.logdir = Path(settings.log_dir)
+
+    def launch(self, worker_ids: list[int], module: dict) -> None:
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, SCALEBOX_DSN=self.settings.dsn)
+        for wid in worker_ids:
+            argv = [sys.executable, "-m", "scalebox_hpc", "worker", "--worker-id", str(wid),
+                    "--scratch", self.settings.scratch_root,
+                    "--lease-seconds", str(self.settings.lease_seconds),
+                    "--idle-seconds", str(self.settings.idle_seconds)]
+            with open(self.logdir / f"worker-{wid}.log", "ab") as logf:
+                # A session of its own: workers outlive a controller restart or a Ctrl-C.
+                self.procs[wid] = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=logf,
+                                                   stderr=subprocess.STDOUT, start_new_session=True)
+            log.info("started local worker %s for module %s (pid %s)", wid, module["name"],
+                     self.procs[wid].pid)
+
+    def dead(self, workers: list[LiveWorker]) -> list[int]:
+        gone = []
+        for w in workers:
+            proc = self.procs.get(w.id)
+            if proc is not None:
+                if proc.poll() is None:
+                    continue
+                del self.procs[w.id]   # reaped
+                gone.append(w.id)
+            elif w.pid and w.host == self.host and not _alive(w.pid):
+                gone.append(w.id)      # started by an earlier controller and gone since
+        for wid in [wid for wid, p in self.procs.items() if p.poll() is not None]:
+            del self.procs[wid]        # exited cleanly: reap it
+        return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

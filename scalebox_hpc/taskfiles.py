@@ -1,0 +1,386 @@
+"""Read what a module program leaves in its WORK_DIR, and evaluate retry rules.
+
+Pure functions: no database, no subprocess. Every parse error is a ``TaskFileError``
+whose message is one line naming the file, the 1-based line (or the key, for
+``task-exec.json``), what is wrong and what format is expected.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from .errors import TaskFileError
+
+# A lost lease means the worker or its node died (or hit the global timeout): not the
+# task's fault, so a catch-all '*' rule written for program failures must not decide how
+# often such a task is retried. Only a rule naming 123 explicitly overrides this.
+LEASE_LOST_CODE = 123
+LEASE_LOST_DEFAULT_RETRIES = 3
+
+SINK_FORMATS = ('body, body,{headers}, module,body, module,body,{headers} '
+                'or {"module":..,"body":..,"headers":{..}}')
+HEADERS_FORMAT = 'body,{"key":"value"} (a JSON object of strings, numbers, booleans or null)'
+SEMAPHORE_FORMAT = "name +N, name -N or name =N (N a non-negative integer)"
+TIMESTAMP_FORMAT = "label,ISO-8601 (e.g. program-start,2024-05-01T12:00:00Z)"
+
+
+def _quote(text: str, limit: int = 80) -> str:
+    """Quote user text for a one-line error message."""
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A JSON value as one line of text for an error message."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _line_error(filename: str, lineno: int, problem: str, expected: str) -> TaskFileError:
+    return TaskFileError(f"{filename} line {lineno}: {problem}; expected {expected}")
+
+
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    return f"{exc.msg} at column {exc.colno}"
+
+
+def _lines(text: str) -> Iterable[tuple[int, str]]:
+    """Yield (1-based line number, line) with a trailing \\r removed.
+
+    Splits on \\n only: str.splitlines() would also split on characters such as
+    U+2028 that may legitimately appear inside a body.
+    """
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        yield lineno, line.removesuffix("\r")
+
+
+# ---------------------------------------------------------------------------
+# sink-tasks.txt
+
+@dataclass
+class SinkMessage:
+    module: str | None  # None: to the producing module's sink_modules, else main_router
+    body: str
+    headers: dict = field(default_factory=dict)
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _check_headers(headers: Any, filename: str, lineno: int) -> dict:
+    if not isinstance(headers, dict):
+        raise _line_error(filename, lineno,
+                          f"headers are a JSON {type(headers).__name__}, not an object",
+                          HEADERS_FORMAT)
+    for key, value in headers.items():
+        if not _is_scalar(value):
+            raise _line_error(filename, lineno,
+                              f"header {_quote(key)} has a non-scalar value {_show(value)}",
+                              HEADERS_FORMAT)
+    return headers
+
+
+def _parse_json_message(line: str, known_modules: Collection[str],
+                        filename: str, lineno: int) -> SinkMessage:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise _line_error(filename, lineno, f"invalid JSON message: {_json_problem(exc)}",
+                          SINK_FORMATS) from None
+    unknown = sorted(set(obj) - {"module", "body", "headers"})
+    if unknown:
+        raise _line_error(filename, lineno,
+                          f"unknown key(s) {', '.join(_quote(k) for k in unknown)} in JSON message",
+                          '{"module":..,"body":..,"headers":{..}}')
+    if "body" not in obj:
+        raise _line_error(filename, lineno, 'JSON message has no "body"',
+                          '{"module":..,"body":..,"headers":{..}}')
+    body = obj["body"]
+    if isinstance(body, bool) or not isinstance(body, (str, int, float)):
+        raise _line_error(filename, lineno,
+                          f'"body" is a JSON {type(body).__name__}', 'a string or number "body"')
+    module = obj.get("module")
+    if module is not None:
+        if not isinstance(module, str):
+            raise _line_error(filename, lineno,
+                              f'"module" is a JSON {type(module).__name__}', 'a module name string')
+        if module not in known_modules:
+            names = ", ".join(sorted(known_modules)) or "(none)"
+            raise _line_error(filename, lineno, f"unknown module {_quote(module)}",
+                              f"one of: {names}")
+    headers = obj.get("headers")
+    headers = {} if headers is None else _check_headers(headers, filename, lineno)
+    return SinkMessage(module=module, body=str(body), headers=headers)
+
+
+def _split_headers(line: str, filename: str, lineno: int) -> tuple[str, dict]:
+    """Split 'X,{headers}' into (X, headers); (line, {}) when there is no ',{'.
+
+    Tries each ',{' from the right so that a header value containing ',{' still works.
+    """
+    starts = [m.start() for m in re.finditer(",{", line)]
+    if not starts:
+        return line, {}
+    problem = ""
+    for pos in reversed(starts):
+        try:
+            headers = json.loads(line[pos + 1:])
+        except json.JSONDecodeError as exc:
+            # Report the rightmost candidate: that is where headers are expected to start.
+            problem = problem or f"{_json_problem(exc)} in {_quote(line[pos + 1:])}"
+        else:
+            return line[:pos], _check_headers(headers, filename, lineno)
+    raise _line_error(filename, lineno, f"headers are not a JSON object: {problem}", HEADERS_FORMAT)
+
+
+def parse_sink_tasks(text: str, *, known_modules: Collection[str],
+                     filename: str = "sink-tasks.txt") -> list[SinkMessage]:
+    """Parse sink-tasks.txt (alias messages.txt): one message per line.
+
+    ``module,body`` is only recognised when the first field is a known module name, so a
+    body with commas stays intact when its first field is not a module.
+    """
+    messages = []
+    for lineno, line in _lines(text):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            messages.append(_parse_json_message(line, known_modules, filename, lineno))
+            continue
+        rest, headers = _split_headers(line, filename, lineno)
+        module, sep, body = rest.partition(",")
+        if sep and module in known_modules:
+            messages.append(SinkMessage(module=module, body=body, headers=headers))
+        else:
+            messages.append(SinkMessage(module=None, body=rest, headers=headers))
+    return messages
+
+
+# ---------------------------------------------------------------------------
+# semaphores.txt
+
+@dataclass
+class SemaphoreOp:
+    name: str
+    op: str  # '+', '-' or '='
+    value: int
+
+
+# Non-greedy name so 'a-b +3' is ('a-b', '+', 3) and 'x-1' is ('x', '-', 1).
+_SEMAPHORE_RE = re.compile(r"(\S+?)\s*([+\-=])\s*([0-9]+)")
+
+
+def parse_semaphores(text: str, filename: str = "semaphores.txt") -> list[SemaphoreOp]:
+    ops = []
+    for lineno, line in _lines(text):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        match = _SEMAPHORE_RE.fullmatch(stripped)
+        if not match:
+            raise _line_error(filename, lineno, f"cannot parse {_quote(stripped)}", SEMAPHORE_FORMAT)
+        name, op, value = match.groups()
+        ops.append(SemaphoreOp(name=name, op=op, value=int(value)))
+    return ops
+
+
+# ---------------------------------------------------------------------------
+# timestamps (timestamps.txt and task-exec.json)
+
+def _check_iso(value: str) -> None:
+    """Raise ValueError unless value is an ISO-8601 date-time."""
+    if value.endswith("Z"):
+        value = value[:-1] + "+00:00"
+    datetime.fromisoformat(value)
+
+
+def parse_timestamps(text: str, filename: str = "timestamps.txt") -> list[tuple[str, str]]:
+    """Parse 'label,ISO-8601' lines; the timestamp string is kept as given."""
+    stamps = []
+    for lineno, line in _lines(text):
+        if not line.strip():
+            continue
+        label, sep, stamp = (part.strip() for part in line.partition(","))
+        if not sep or not label:
+            raise _line_error(filename, lineno, f"no label before a comma in {_quote(line)}",
+                              TIMESTAMP_FORMAT)
+        try:
+            _check_iso(stamp)
+        except ValueError:
+            raise _line_error(filename, lineno, f"invalid ISO-8601 date-time {_quote(stamp)}",
+                              TIMESTAMP_FORMAT) from None
+        stamps.append((label, stamp))
+    return stamps
+
+
+# ---------------------------------------------------------------------------
+# task-exec.json
+
+@dataclass
+class TaskExecInfo:
+    status_code: int | None = None
+    input_bytes: int | None = None
+    output_bytes: int | None = None
+    input_files: list[str] | None = None
+    output_files: list[str] | None = None
+    timestamps: list[tuple[str, str]] = field(default_factory=list)
+    user_text: str | None = None
+
+
+# JSON key (camelCase as in the spec) -> TaskExecInfo field; snake_case is accepted too.
+_EXEC_KEYS = {
+    "statusCode": "status_code",
+    "inputBytes": "input_bytes",
+    "outputBytes": "output_bytes",
+    "inputFiles": "input_files",
+    "outputFiles": "output_files",
+    "timestamps": "timestamps",
+    "userText": "user_text",
+}
+_EXEC_FIELD_BY_KEY = {**_EXEC_KEYS, **{f: f for f in _EXEC_KEYS.values()}}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _exec_timestamps(value: Any, key_error) -> list[tuple[str, str]]:
+    expected = ('a list of "label,ISO-8601" strings, a list of [label, ISO-8601] pairs '
+                'or an object label -> ISO-8601')
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, list):
+        pairs = []
+        for item in value:
+            if isinstance(item, str) and "," in item:
+                pairs.append(tuple(part.strip() for part in item.split(",", 1)))
+            elif isinstance(item, list) and len(item) == 2:
+                pairs.append(tuple(item))
+            else:
+                raise key_error(f"bad entry {_show(item)}", expected)
+    else:
+        raise key_error(f"is a JSON {type(value).__name__}", expected)
+    stamps = []
+    for label, stamp in pairs:
+        if not isinstance(label, str) or not label or not isinstance(stamp, str):
+            raise key_error(f"bad entry {_show([label, stamp])}",
+                            expected)
+        try:
+            _check_iso(stamp)
+        except ValueError:
+            raise key_error(f"invalid ISO-8601 date-time {_quote(stamp)} for {_quote(label)}",
+                            expected) from None
+        stamps.append((label, stamp))
+    return stamps
+
+
+def parse_task_exec_json(text: str, filename: str = "task-exec.json") -> TaskExecInfo:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _line_error(filename, exc.lineno, f"invalid JSON: {_json_problem(exc)}",
+                          "a JSON object") from None
+    if not isinstance(obj, dict):
+        raise TaskFileError(f"{filename}: top level is a JSON {type(obj).__name__}; "
+                            "expected a JSON object")
+
+    def key_error(key: str):
+        def make(problem: str, expected: str) -> TaskFileError:
+            return TaskFileError(f"{filename}: key {_quote(key)}: {problem}; expected {expected}")
+        return make
+
+    info = TaskExecInfo()
+    seen: dict[str, str] = {}
+    for key, value in obj.items():
+        error = key_error(key)
+        name = _EXEC_FIELD_BY_KEY.get(key)
+        if name is None:
+            raise error("unknown key", f"one of {', '.join(_EXEC_KEYS)} (or their snake_case forms)")
+        if name in seen:
+            raise error(f"given twice (also as {_quote(seen[name])})", "each key once")
+        seen[name] = key
+        if value is None:
+            continue
+        if name == "status_code":
+            if not _is_int(value):
+                raise error(f"is {_show(value)}", "an integer")
+        elif name in ("input_bytes", "output_bytes"):
+            if not _is_int(value) or value < 0:
+                raise error(f"is {_show(value)}", "a non-negative integer")
+        elif name in ("input_files", "output_files"):
+            if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+                raise error(f"is {_show(value)}", "a list of path strings")
+        elif name == "timestamps":
+            value = _exec_timestamps(value, error)
+        elif name == "user_text":
+            if not isinstance(value, str):
+                raise error(f"is {_show(value)}", "a string")
+        setattr(info, name, value)
+    return info
+
+
+# ---------------------------------------------------------------------------
+# input-files.txt / output-files.txt
+
+def parse_file_list(text: str, filename: str) -> list[str]:
+    """One path per non-empty line, surrounding whitespace removed."""
+    return [line.strip() for _, line in _lines(text) if line.strip()]
+
+
+def _path_size(path: str) -> int:
+    try:
+        if os.path.isdir(path):
+            return sum(os.path.getsize(os.path.join(root, name))
+                       for root, _, names in os.walk(path) for name in names
+                       if os.path.isfile(os.path.join(root, name)))
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def sum_file_sizes(paths: Iterable[str], base_dir: str) -> int:
+    """Total size of the listed paths (a directory counts its files).
+
+    Missing paths count 0: a program may list files it later removed or that live on
+    a file system this node cannot see, which must not fail the task.
+    """
+    return sum(_path_size(os.path.join(base_dir, path)) for path in paths)
+
+
+# ---------------------------------------------------------------------------
+# retry rules
+
+def retries_allowed(rules: Sequence[tuple[str, int]], code: int) -> int:
+    """How many retries the rules grant for an exit code.
+
+    The first rule naming the code wins, else the first '*' rule, else 0. Code 0 never
+    retries; code 123 (lease lost) ignores '*' -- see LEASE_LOST_DEFAULT_RETRIES.
+    """
+    if code == 0:
+        return 0
+    wildcard = None
+    for rule_code, n in rules:
+        if rule_code == "*":
+            if wildcard is None:
+                wildcard = n
+        elif int(rule_code) == code:
+            return n
+    if code == LEASE_LOST_CODE:
+        return LEASE_LOST_DEFAULT_RETRIES
+    return wildcard or 0
+
+
+def should_retry(rules: Sequence[tuple[str, int]], code: int, executions_with_code: int) -> bool:
+    """Whether to retry after an execution ended with ``code``.
+
+    ``executions_with_code`` counts the executions of this task that ended with this
+    code, including the one that just ended; a rule 'code:n' thus allows n + 1 runs.
+    """
+    return executions_with_code <= retries_allowed(rules, code)

@@ -1,0 +1,388 @@
+"""The worker: claims tasks of one module in batches and runs its program per task.
+
+The loop knows no SQL (see db/store.py). Its life:
+register -> setup hook -> [check hook -> claim batch -> run each task -> commit results]*
+-> idle timeout, drain signal or app end -> return unstarted tasks -> teardown -> exit.
+A heartbeat thread renews the worker's lease; if the controller declared the worker
+lost, the thread kills the running program and the worker stops without committing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .db.store import ClaimedTask, Message, Store, TaskResult
+from .errors import TaskFileError
+from .runtime import OutputBuffer, ProgramResult, runtime_for, utcnow
+from . import taskfiles
+
+log = logging.getLogger(__name__)
+
+# System error codes (SPEC section 5: -100..-111).
+CODE_TASK_FILE = -101        # a file the program left in WORK_DIR is malformed
+CODE_NO_DESTINATION = -102   # output messages with no sink module and no main_router
+CODE_WORKDIR = -103          # WORK_DIR could not be made
+
+SINK_FILES = ("sink-tasks.txt", "messages.txt")
+
+
+@dataclass
+class WorkerSettings:
+    scratch_root: str
+    lease_seconds: float = 30.0
+    idle_seconds: float = 30.0
+    flush_seconds: float = 0.1        # longest a finished task waits for its commit
+    max_batch: int = 200
+    stdout_limit: int = 65536
+    keep_failed_workdirs: int = 10
+
+
+def _host_ip() -> tuple[str, str]:
+    host = socket.gethostname()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))  # no packet is sent; picks the outgoing interface
+            ip = s.getsockname()[0]
+    except OSError:
+        ip = "127.0.0.1"
+    return host, ip
+
+
+class Worker:
+    def __init__(self, dsn: str, worker_id: int, settings: WorkerSettings):
+        self.worker_id = worker_id
+        self.settings = settings
+        self.store = Store(dsn)
+        self.host, self.ip = _host_ip()
+        self.slurm_job_id = os.environ.get("SLURM_JOB_ID")
+        self.draining = threading.Event()   # finish the current task, return the rest
+        self.stopped = threading.Event()    # lost or cancelled: stop now, commit nothing more
+        self.stop_reason = ""
+        self.current: tuple[int, float] | None = None   # (task id, monotonic start) while a program runs
+        self.pending: list[TaskResult] = []
+        self.pending_since = 0.0
+        self.failed_workdirs = 0
+        self.avg_seconds = 1.0
+
+    # -- setup ---------------------------------------------------------------------
+    def _load_module(self, module_id: int) -> None:
+        row = self.store.q("get_module", {"module_id": module_id}).fetchone()
+        (self.module_id, self.app_id, self.module_name, self.site, mdef, self.host_bound, _slots,
+         appdef) = row
+        self.mdef = mdef
+        self.rules = [tuple(r) for r in mdef.get("retry_rules") or []]
+        self.modules = {name: mid for mid, name, *_ in self.store.q("app_modules", {"app_id": self.app_id})}
+        self.main_router = appdef.get("main_router")
+        self.program = mdef.get("command")
+        self.runtime = runtime_for(self.program, mdef.get("base_image", "host"))
+        limit = int(mdef.get("stdout_limit") or self.settings.stdout_limit)
+        self.out = OutputBuffer("stdout", limit)
+        self.err = OutputBuffer("stderr", limit)
+        self.max_batch = int(mdef.get("task_batch_size") or self.settings.max_batch)
+        if mdef.get("idle_seconds") is not None:
+            self.settings.idle_seconds = float(mdef["idle_seconds"])
+        self.scratch = Path(self.settings.scratch_root) / f"worker-{self.worker_id}"
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self.base_env = dict(os.environ)
+        self.base_env.pop("SCALEBOX_DSN", None)   # the program has no business with the database
+        self.base_env.update({
+            "APP_ID": str(self.app_id), "MODULE_NAME": self.module_name, "MODULE_ID": str(self.module_id),
+            "SITE": self.site, "LOCAL_HOST": self.host, "LOCAL_IP": self.ip,
+            **{k: str(v) for k, v in (mdef.get("environments") or {}).items()}})
+
+    def _hook(self, name: str) -> ProgramResult | None:
+        path = self.mdef.get(name)
+        if not path:
+            return None
+        return self.runtime.run(path, "", "{}", env=self.base_env, cwd=str(self.scratch), timeout=600,
+                                stdout=self.out, stderr=self.err)
+
+    # -- main ----------------------------------------------------------------------------
+    def run(self) -> int:
+        s = self.settings
+        module_id = self.store.retrying(lambda: self.store.start_worker(
+            self.worker_id, host=self.host, ip=self.ip, pid=os.getpid(), slurm_job_id=self.slurm_job_id,
+            lease_seconds=s.lease_seconds), what="register worker")
+        if module_id is None:
+            log.error("worker %s is not pending (already started or declared lost); exiting", self.worker_id)
+            return 1
+        self._load_module(module_id)
+        self.store.listen = (f"sbx_m{self.module_id}",)
+        self.store.retrying(lambda: self.store.conn, what="listen")
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        beat.start()
+        log.info("worker %s: module %s (app %s) on %s, scratch %s", self.worker_id, self.module_name,
+                 self.app_id, self.host, self.scratch)
+
+        setup = self._hook("setup")
+        if setup is not None and setup.code != 0:
+            msg = f"setup hook failed with exit code {setup.code}: {setup.stderr.strip()[-300:]}"
+            log.error(msg)
+            self.store.retrying(lambda: self.store.stop_worker(self.worker_id, "FAILED", msg,
+                                                               count_failure=True), what="stop worker")
+            return 1
+        self.store.retrying(lambda: self.store.q("worker_ready", {"worker_id": self.worker_id}),
+                            what="worker ready")
+        try:
+            self._loop()
+        finally:
+            status = "LOST" if self.stop_reason == "lost" else "EXITED"
+            if status != "LOST":
+                self._flush()
+                # Whatever is still held was never started (or was stopped by a cancel): free of cost.
+                self.store.retrying(lambda: self.store.return_tasks(self.worker_id, None),
+                                    what="return tasks", give_up_after=60)
+            teardown = self._hook("teardown")
+            if teardown is not None and teardown.code != 0:
+                log.warning("teardown hook exited with %s", teardown.code)
+            self.store.retrying(lambda: self.store.stop_worker(self.worker_id, status, self.stop_reason or None),
+                                what="stop worker", give_up_after=60)
+            if not self.failed_workdirs:
+                shutil.rmtree(self.scratch, ignore_errors=True)
+            log.info("worker %s stopped (%s)", self.worker_id, self.stop_reason or "done")
+        return 0
+
+    def _on_signal(self, signum, _frame) -> None:
+        log.info("worker %s: %s received, draining", self.worker_id, signal.Signals(signum).name)
+        self.stop_reason = f"drained on {signal.Signals(signum).name}"
+        self.draining.set()
+
+    def _loop(self) -> None:
+        s = self.settings
+        idle_since = time.monotonic()
+        while not (self.draining.is_set() or self.stopped.is_set()):
+            if self.mdef.get("check"):
+                check = self._hook("check")
+                if check is not None and check.code != 0:
+                    self._flush()
+                    if time.monotonic() - idle_since > s.idle_seconds:
+                        self.stop_reason = "check hook kept refusing"
+                        return
+                    self._wait(min(5.0, s.idle_seconds))
+                    continue
+            batch = self.store.retrying(lambda: self.store.claim(
+                worker_id=self.worker_id, module_id=self.module_id, app_id=self.app_id, host=self.host,
+                host_bound=self.host_bound, limit=self._batch_size()), what="claim tasks")
+            if not batch:
+                self._flush()
+                idle = time.monotonic() - idle_since
+                if idle >= s.idle_seconds:
+                    self.stop_reason = f"idle for {s.idle_seconds:g} s"
+                    return
+                payloads = self._wait(min(2.0, s.idle_seconds - idle))
+                if any(p in ("FINISHED", "CANCELLED", "FAILED", "PAUSED") for p in payloads):
+                    self.stop_reason = "app is no longer running"
+                    return
+                continue
+            self._run_batch(batch)
+            idle_since = time.monotonic()
+
+    def _wait(self, timeout: float) -> list[str]:
+        try:
+            return self.store.wait_notify(timeout)
+        except Exception as exc:  # noqa: BLE001 - a broken connection is retried by the next claim
+            log.warning("waiting for notifications failed: %s", exc)
+            self.store._reset()
+            time.sleep(min(timeout, 1.0))
+            return []
+
+    def _batch_size(self) -> int:
+        # Claim about one flush interval of work: long tasks one by one (no hoarding),
+        # short ones in batches (few round trips).
+        return max(1, min(self.max_batch, int(self.settings.flush_seconds / max(self.avg_seconds, 1e-4))))
+
+    def _run_batch(self, batch: list[ClaimedTask]) -> None:
+        for i, task in enumerate(batch):
+            if self.draining.is_set() or self.stopped.is_set():
+                if not self.stopped.is_set():
+                    rest = [t.id for t in batch[i:]]
+                    self._flush()
+                    n = self.store.retrying(lambda: self.store.return_tasks(self.worker_id, rest),
+                                            what="return tasks")
+                    log.info("returned %d unstarted task(s)", n)
+                return
+            t0 = time.monotonic()
+            result = self._run_task(task)
+            self.avg_seconds = 0.8 * self.avg_seconds + 0.2 * (time.monotonic() - t0)
+            if self.stopped.is_set():
+                return      # lost or cancelled while it ran: the result must not count
+            if not self.pending:
+                self.pending_since = time.monotonic()
+            self.pending.append(result)
+            if time.monotonic() - self.pending_since >= self.settings.flush_seconds:
+                self._flush()
+        self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        results, self.pending = self.pending, []
+        self.store.retrying(lambda: self.store.complete(worker_id=self.worker_id, app_id=self.app_id,
+                                                        results=results, retry_rules=self.rules),
+                            what="commit task results")
+
+    # -- one task -------------------------------------------------------------------------
+    def _run_task(self, task: ClaimedTask) -> TaskResult:
+        received = utcnow()
+        record = {"task_id": task.id, "attempt": task.attempt, "worker_id": self.worker_id,
+                  "site": self.site, "host": self.host, "ip": self.ip, "slurm_job_id": self.slurm_job_id,
+                  "t_message_created": task.message_created, "t_inserted": task.inserted_at,
+                  "t_ready": task.ready_at, "t_claimed": task.claimed_at, "t_received": received}
+        result = TaskResult(task.id, task.attempt, 0, record)
+        workdir = self.scratch / f"task-{task.id}-{task.attempt}"
+        try:
+            workdir.mkdir()
+        except OSError as exc:
+            record.update(status_code=CODE_WORKDIR, note=f"cannot create WORK_DIR {workdir}: {exc}")
+            result.code = CODE_WORKDIR
+            return result
+        env = dict(self.base_env, WORK_DIR=str(workdir), TASK_ID=str(task.id), ATTEMPT=str(task.attempt))
+        timeout = self.mdef.get("task_max_seconds")
+        self.current = (task.id, time.monotonic())
+        try:
+            prog = self.runtime.run(self.program, task.body, json.dumps(task.headers), env=env,
+                                    cwd=str(workdir), timeout=float(timeout) if timeout else None,
+                                    stdout=self.out, stderr=self.err)
+        finally:
+            self.current = None
+        record.update(t_program_start=prog.started, t_program_end=prog.ended, stdout=prog.stdout,
+                      stderr=prog.stderr, t_stageout_start=utcnow())
+        code = prog.code
+        try:
+            code = self._collect(workdir, task, code, result)
+        except TaskFileError as exc:
+            code = CODE_TASK_FILE
+            result.messages, result.semaphores, result.app_result = [], [], None
+            record["stderr"] = (record["stderr"] or "") + f"\nscalebox-hpc: {exc}\n"
+            record["note"] = str(exc)
+        record["t_stageout_end"] = utcnow()
+        record["status_code"] = code
+        result.code = code
+        self._cleanup(workdir, code)
+        return result
+
+    def _collect(self, workdir: Path, task: ClaimedTask, code: int, result: TaskResult) -> int:
+        """Read what the program left in WORK_DIR. Messages, semaphores and the app
+        result count only for a successful attempt; records are kept for every one."""
+        try:
+            names = {e.name for e in os.scandir(workdir)}
+        except OSError:
+            names = set()
+        if not names:
+            return code
+        record = result.record
+
+        def read(name: str) -> str:
+            return (workdir / name).read_text(errors="replace")
+
+        if "task-exec.json" in names:
+            info = taskfiles.parse_task_exec_json(read("task-exec.json"))
+            if info.status_code is not None and code == 0:
+                code = info.status_code
+            record.update(input_bytes=info.input_bytes, output_bytes=info.output_bytes,
+                          input_files=info.input_files, output_files=info.output_files,
+                          user_text=info.user_text)
+            if info.timestamps:
+                record["user_timestamps"] = [list(t) for t in info.timestamps]
+        if "timestamps.txt" in names:
+            record["user_timestamps"] = (record.get("user_timestamps") or []) + [
+                list(t) for t in taskfiles.parse_timestamps(read("timestamps.txt"))]
+        for kind in ("input", "output"):
+            name = f"{kind}-files.txt"
+            if name in names:
+                files = taskfiles.parse_file_list(read(name), name)
+                record[f"{kind}_files"] = (record.get(f"{kind}_files") or []) + files
+                if record.get(f"{kind}_bytes") is None:
+                    record[f"{kind}_bytes"] = taskfiles.sum_file_sizes(files, str(workdir))
+        if "auxout.txt" in names:
+            record["auxout"] = read("auxout.txt")[: self.out.limit]
+        if code != 0:
+            return code
+        for name in SINK_FILES:
+            if name in names:
+                messages = taskfiles.parse_sink_tasks(read(name), known_modules=self.modules, filename=name)
+                result.messages += self._route(messages, task)
+        if "semaphores.txt" in names:
+            result.semaphores = [(op.name, op.op, op.value)
+                                 for op in taskfiles.parse_semaphores(read("semaphores.txt"))]
+        if "app-result.txt" in names:
+            result.app_result = read("app-result.txt").strip()
+        record["messages_out"] = len(result.messages)
+        if result.messages and any(m.module_id is None for m in result.messages):
+            record["note"] = "output messages have no destination: set sink_modules or main_router"
+            result.messages = []
+            return CODE_NO_DESTINATION
+        return code
+
+    def _route(self, messages: list[taskfiles.SinkMessage], task: ClaimedTask) -> list[Message]:
+        now = utcnow()
+        origin = {"from_module": self.module_name, "from_host": self.host, "from_ip": self.ip}
+        out = []
+        for msg in messages:
+            if msg.module:
+                targets = [msg.module]
+            else:
+                targets = list(self.mdef.get("sink_modules") or []) or (
+                    [self.main_router] if self.main_router else [None])
+            for target in targets:
+                out.append(Message(self.modules.get(target) if target else None, msg.body,
+                                   {**origin, **msg.headers}, created=now, from_task_id=task.id))
+        return out
+
+    def _cleanup(self, workdir: Path, code: int) -> None:
+        if code != 0 and self.failed_workdirs < self.settings.keep_failed_workdirs:
+            self.failed_workdirs += 1
+            log.info("kept WORK_DIR of failed task for inspection: %s", workdir)
+            return
+        try:
+            workdir.rmdir()       # the common case: the program left nothing
+        except OSError:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    # -- heartbeat ----------------------------------------------------------------------------
+    def _heartbeat_loop(self) -> None:
+        beat = Store(self.store.dsn)
+        interval = self.settings.lease_seconds / 3
+        next_beat = 0.0
+        marked = None
+        while not self.stopped.is_set():
+            now = time.monotonic()
+            try:
+                current = self.current
+                # Tasks that run for a while show as RUNNING; short ones go from QUEUED to done
+                # without the extra round trip on the hot path.
+                if current and current[0] != marked and now - current[1] > 0.5:
+                    beat.mark_running(self.worker_id, current[0])
+                    marked = current[0]
+                if now >= next_beat:
+                    app_status = beat.heartbeat(self.worker_id, self.settings.lease_seconds)
+                    next_beat = now + interval
+                    if app_status is None:
+                        self._stop("lost", "lease lost: the controller declared this worker lost")
+                    elif app_status == "CANCELLED":
+                        self._stop("cancelled", "app cancelled")
+                    elif app_status != "RUNNING":
+                        self.stop_reason = f"app is {app_status}"
+                        self.draining.set()
+            except Exception as exc:  # noqa: BLE001 - keep beating through database outages
+                log.warning("heartbeat failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
+                beat._reset()
+                next_beat = now + 1.0
+            time.sleep(0.25)
+        beat.close()
+
+    def _stop(self, reason: str, message: str) -> None:
+        log.warning("worker %s: %s; stopping the running program", self.worker_id, message)
+        self.stop_reason = reason
+        self.stopped.set()
+        self.runtime.kill()

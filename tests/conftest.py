@@ -1,0 +1,76 @@
+"""Fixtures that start real services once per test session.
+
+PostgreSQL: a private server (the same embedded code users get) under a temporary
+directory; every test gets its own database cloned from a migrated template.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from scalebox_hpc import db
+from scalebox_hpc.db.embedded import EmbeddedPostgres
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pg")
+    os.chmod(base, 0o755)   # the server may run as an unprivileged account
+    server = EmbeddedPostgres(base)
+    dsn = server.ensure_running()   # fails loudly, never skips: the suite needs a real server
+    admin = psycopg.conninfo.make_conninfo(dsn, dbname="postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("CREATE DATABASE sbx_template")
+    with db.connect(psycopg.conninfo.make_conninfo(dsn, dbname="sbx_template")) as conn:
+        db.upgrade(conn)
+    server.admin_dsn = admin
+    yield server
+    server.stop(mode="immediate")
+
+
+@pytest.fixture
+def dsn(pg):
+    """A fresh, migrated database for one test."""
+    name = f"t{os.getpid()}_{next(_counter)}"
+    with psycopg.connect(pg.admin_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE sbx_template")
+    return psycopg.conninfo.make_conninfo(pg.dsn, dbname=name)
+
+
+@pytest.fixture
+def sbx_env(dsn, tmp_path):
+    """Environment for running the CLI against the test database, with short timings."""
+    env = dict(os.environ)
+    env.update(SCALEBOX_DSN=dsn, SCALEBOX_STATE_DIR=str(tmp_path / "state"),
+               SCALEBOX_LEASE_SECONDS="6", SCALEBOX_IDLE_SECONDS="3", SCALEBOX_POLL_SECONDS="0.3",
+               SCALEBOX_CONFIG=str(tmp_path / "no-config.yaml"))
+    return env
+
+
+@pytest.fixture
+def sbx(sbx_env):
+    """Run 'scalebox-hpc ARGS' as a user would; returns the CompletedProcess."""
+    def run(*args, timeout=300, env=None, check=None):
+        proc = subprocess.run([sys.executable, "-m", "scalebox_hpc", *map(str, args)],
+                              env={**sbx_env, **(env or {})}, capture_output=True, text=True,
+                              timeout=timeout)
+        if check is not None:
+            assert proc.returncode == check, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        return proc
+    return run
+
+
+@pytest.fixture
+def conn(dsn):
+    with psycopg.connect(dsn, autocommit=True) as c:
+        yield c
