@@ -60,7 +60,8 @@ class Group(click.Group):
                 where = f"; traceback in {path}"
             except OSError:
                 where = ""
-            click.echo(f"internal error: {type(exc).__name__}: {exc}{where}", err=True)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            click.echo(f"internal error: {type(exc).__name__}: {first}{where}", err=True)
             sys.exit(2)
 
 

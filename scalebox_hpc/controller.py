@@ -75,7 +75,7 @@ class Controller:
                 lost, recovered = self.store.recover_lost()
                 report["lost"] += len(lost)
                 report["recovered"] = recovered
-                self._count_start_failures([(wid, status) for wid, _m, status in lost])
+                self._count_failures([wid for wid, _m, _s in lost])
                 if recovered:
                     log.info("recovered %d task(s) from %d lost worker(s)", recovered, len(lost))
             self._size_pools(report)
@@ -93,25 +93,25 @@ class Controller:
             live = [LiveWorker(*r) for r in self.store.q("live_workers", {"site": name})]
             gone = site.dead(live)
             if gone:
-                statuses = {w.id: w.status for w in live}
                 with self.store.conn.transaction():
                     self.store.q("mark_workers_lost", {"worker_ids": gone, "message": "worker process exited"})
-                self._count_start_failures([(wid, statuses[wid]) for wid in gone])
+                self._count_failures(gone)
                 report["lost"] += len(gone)
                 log.info("site %s: worker(s) %s gone", name, gone)
 
-    def _count_start_failures(self, lost: list[tuple[int, str]]) -> None:
-        for wid, status in lost:
-            if status == "PENDING":    # never registered: the launch itself failed
-                self.store.q("count_worker_failure", {"worker_id": wid})
+    def _count_failures(self, worker_ids: list[int]) -> None:
+        # A worker that vanished without saying goodbye counts as a failed one; a
+        # module whose workers keep failing fails its app instead of looping forever.
+        for wid in worker_ids:
+            self.store.q("count_worker_failure", {"worker_id": wid})
 
     def _size_pools(self, report: dict) -> None:
-        rows = self.store.q("module_demand", {"ready_cap": 100000}).fetchall()
+        rows = self.store.q("module_demand", {"ready_cap": 1000}).fetchall()
         for (module_id, app_id, name, site_name, slots, min_workers, failures, ready, live,
              last_failure) in rows:
             if failures >= MAX_WORKER_FAILURES:
                 last = self.store.one("last_worker_failure", {"module_id": module_id}) or "unknown reason"
-                msg = f"module {name}: {failures} workers in a row failed to start; last: {last}"
+                msg = f"module {name}: {failures} workers failed in a row; last: {last}"
                 if self.store.set_app_status(app_id, "FAILED", ["RUNNING"], msg):
                     log.error("app %s FAILED: %s", app_id, msg)
                     report["failed"].append(app_id)
@@ -137,7 +137,7 @@ class Controller:
                 msg = f"cannot start worker: {exc}"
                 with self.store.conn.transaction():
                     self.store.q("mark_workers_lost", {"worker_ids": ids, "message": msg})
-                self._count_start_failures([(wid, "PENDING") for wid in ids])
+                self._count_failures(ids)
                 log.error("module %s: %s", name, msg)
                 continue
             report["started"] += n

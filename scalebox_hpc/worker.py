@@ -39,8 +39,8 @@ class WorkerSettings:
     scratch_root: str
     lease_seconds: float = 30.0
     idle_seconds: float = 30.0
-    flush_seconds: float = 0.1        # longest a finished task waits for its commit
-    max_batch: int = 200
+    flush_seconds: float = 0.25       # longest a finished task waits for its commit
+    max_batch: int = 500
     stdout_limit: int = 65536
     keep_failed_workdirs: int = 10
 
@@ -60,7 +60,7 @@ class Worker:
     def __init__(self, dsn: str, worker_id: int, settings: WorkerSettings):
         self.worker_id = worker_id
         self.settings = settings
-        self.store = Store(dsn)
+        self.store = Store(dsn, async_commit=True)
         self.host, self.ip = _host_ip()
         self.slurm_job_id = os.environ.get("SLURM_JOB_ID")
         self.draining = threading.Event()   # finish the current task, return the rest
@@ -131,13 +131,18 @@ class Worker:
             self.store.retrying(lambda: self.store.stop_worker(self.worker_id, "FAILED", msg,
                                                                count_failure=True), what="stop worker")
             return 1
-        self.store.retrying(lambda: self.store.q("worker_ready", {"worker_id": self.worker_id}),
-                            what="worker ready")
+        crashed = False
         try:
             self._loop()
+        except Exception as exc:
+            # A bug or an unexpected failure: its tasks go back through lease recovery
+            # (counted attempts), and the controller counts the failed worker.
+            log.exception("worker %s crashed", self.worker_id)
+            self.stop_reason = f"crashed: {type(exc).__name__}: {exc}"
+            crashed = True
         finally:
-            status = "LOST" if self.stop_reason == "lost" else "EXITED"
-            if status != "LOST":
+            status = "LOST" if self.stop_reason == "lost" else "FAILED" if crashed else "EXITED"
+            if status == "EXITED":
                 self._flush()
                 # Whatever is still held was never started (or was stopped by a cancel): free of cost.
                 self.store.retrying(lambda: self.store.return_tasks(self.worker_id, None),
@@ -145,12 +150,13 @@ class Worker:
             teardown = self._hook("teardown")
             if teardown is not None and teardown.code != 0:
                 log.warning("teardown hook exited with %s", teardown.code)
-            self.store.retrying(lambda: self.store.stop_worker(self.worker_id, status, self.stop_reason or None),
+            self.store.retrying(lambda: self.store.stop_worker(self.worker_id, status, self.stop_reason or None,
+                                                               count_failure=crashed),
                                 what="stop worker", give_up_after=60)
             if not self.failed_workdirs:
                 shutil.rmtree(self.scratch, ignore_errors=True)
             log.info("worker %s stopped (%s)", self.worker_id, self.stop_reason or "done")
-        return 0
+        return 1 if crashed else 0
 
     def _on_signal(self, signum, _frame) -> None:
         log.info("worker %s: %s received, draining", self.worker_id, signal.Signals(signum).name)
@@ -237,13 +243,13 @@ class Worker:
         record = {"task_id": task.id, "attempt": task.attempt, "worker_id": self.worker_id,
                   "site": self.site, "host": self.host, "ip": self.ip, "slurm_job_id": self.slurm_job_id,
                   "t_message_created": task.message_created, "t_inserted": task.inserted_at,
-                  "t_ready": task.ready_at, "t_claimed": task.claimed_at, "t_received": received}
+                  "t_ready": task.ready_at, "t_claimed": task.claimed_at, "t_received": received,
+                  "messages_out": 0}
         result = TaskResult(task.id, task.attempt, 0, record)
-        workdir = self.scratch / f"task-{task.id}-{task.attempt}"
         try:
-            workdir.mkdir()
+            workdir = self._workdir()
         except OSError as exc:
-            record.update(status_code=CODE_WORKDIR, note=f"cannot create WORK_DIR {workdir}: {exc}")
+            record.update(status_code=CODE_WORKDIR, note=f"cannot create WORK_DIR: {exc}")
             result.code = CODE_WORKDIR
             return result
         env = dict(self.base_env, WORK_DIR=str(workdir), TASK_ID=str(task.id), ATTEMPT=str(task.attempt))
@@ -259,7 +265,11 @@ class Worker:
                       stderr=prog.stderr, t_stageout_start=utcnow())
         code = prog.code
         try:
-            code = self._collect(workdir, task, code, result)
+            names = {e.name for e in os.scandir(workdir)}
+        except OSError:
+            names = set()
+        try:
+            code = self._collect(workdir, names, code, result)
         except TaskFileError as exc:
             code = CODE_TASK_FILE
             result.messages, result.semaphores, result.app_result = [], [], None
@@ -268,16 +278,12 @@ class Worker:
         record["t_stageout_end"] = utcnow()
         record["status_code"] = code
         result.code = code
-        self._cleanup(workdir, code)
+        self._cleanup(workdir, code, task, names)
         return result
 
-    def _collect(self, workdir: Path, task: ClaimedTask, code: int, result: TaskResult) -> int:
+    def _collect(self, workdir: Path, names: set[str], code: int, result: TaskResult) -> int:
         """Read what the program left in WORK_DIR. Messages, semaphores and the app
         result count only for a successful attempt; records are kept for every one."""
-        try:
-            names = {e.name for e in os.scandir(workdir)}
-        except OSError:
-            names = set()
         if not names:
             return code
         record = result.record
@@ -311,7 +317,7 @@ class Worker:
         for name in SINK_FILES:
             if name in names:
                 messages = taskfiles.parse_sink_tasks(read(name), known_modules=self.modules, filename=name)
-                result.messages += self._route(messages, task)
+                result.messages += self._route(messages, result.task_id)
         if "semaphores.txt" in names:
             result.semaphores = [(op.name, op.op, op.value)
                                  for op in taskfiles.parse_semaphores(read("semaphores.txt"))]
@@ -324,7 +330,7 @@ class Worker:
             return CODE_NO_DESTINATION
         return code
 
-    def _route(self, messages: list[taskfiles.SinkMessage], task: ClaimedTask) -> list[Message]:
+    def _route(self, messages: list[taskfiles.SinkMessage], task_id: int) -> list[Message]:
         now = utcnow()
         origin = {"from_module": self.module_name, "from_host": self.host, "from_ip": self.ip}
         out = []
@@ -336,22 +342,36 @@ class Worker:
                     [self.main_router] if self.main_router else [None])
             for target in targets:
                 out.append(Message(self.modules.get(target) if target else None, msg.body,
-                                   {**origin, **msg.headers}, created=now, from_task_id=task.id))
+                                   {**origin, **msg.headers}, created=now, from_task_id=task_id))
         return out
 
-    def _cleanup(self, workdir: Path, code: int) -> None:
+    def _workdir(self) -> Path:
+        """The task's WORK_DIR: empty, on node-local scratch. A directory the previous
+        task left empty is handed on as it is (an empty directory is as fresh as a new
+        one, and mkdir/rmdir per task is costly on overlay filesystems)."""
+        workdir = self.scratch / "work"
+        if not workdir.is_dir():
+            workdir.mkdir()
+        return workdir
+
+    def _cleanup(self, workdir: Path, code: int, task: ClaimedTask, names: set[str]) -> None:
+        if not names:
+            return
         if code != 0 and self.failed_workdirs < self.settings.keep_failed_workdirs:
             self.failed_workdirs += 1
-            log.info("kept WORK_DIR of failed task for inspection: %s", workdir)
-            return
-        try:
-            workdir.rmdir()       # the common case: the program left nothing
-        except OSError:
-            shutil.rmtree(workdir, ignore_errors=True)
+            kept = self.scratch / f"failed-task-{task.id}-{task.attempt}"
+            workdir.rename(kept)
+            log.info("kept WORK_DIR of failed task %s for inspection: %s", task.id, kept)
+        else:
+            # Renamed first, so the next task gets an empty WORK_DIR even if some file
+            # cannot be removed.
+            trash = self.scratch / f".trash-{task.id}-{task.attempt}"
+            workdir.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
 
     # -- heartbeat ----------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
-        beat = Store(self.store.dsn)
+        beat = Store(self.store.dsn, async_commit=True)
         interval = self.settings.lease_seconds / 3
         next_beat = 0.0
         marked = None

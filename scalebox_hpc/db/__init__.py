@@ -53,11 +53,12 @@ def describe(dsn: str) -> str:
 
 
 def connect(dsn: str, *, autocommit: bool = True, dict_rows: bool = False,
-            connect_timeout: int = 10) -> psycopg.Connection:
+            connect_timeout: int = 10, async_commit: bool = False) -> psycopg.Connection:
+    extra = {"options": "-c synchronous_commit=off"} if async_commit else {}
     try:
         return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=connect_timeout,
                                row_factory=dict_row if dict_rows else psycopg.rows.tuple_row,
-                               application_name="scalebox-hpc")
+                               application_name="scalebox-hpc", **extra)
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DatabaseUnavailable(

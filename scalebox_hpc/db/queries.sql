@@ -16,19 +16,28 @@ VALUES (%(app_id)s, %(name)s, %(site)s, %(definition)s, %(host_bound)s, %(slots)
 RETURNING id;
 
 -- name: insert_tasks
--- Dedup: rows whose (module, body) already ran are skipped unless repeatable.
--- New READY tasks wake the idle workers of their module (one notify per module).
-WITH ins AS (
-    INSERT INTO tasks (app_id, module_id, body, headers, repeatable, to_host, from_task_id,
-                       message_created, ready_at, status)
-    SELECT %(app_id)s, x.m, x.b, x.h::jsonb, x.r, x.th, x.ft, coalesce(x.mc, now()), now(), -1
+-- Dedup: a message whose (module, body) was seen before is skipped unless repeatable
+-- (the caller removes duplicates within one batch). New READY tasks wake the idle
+-- workers of their module, one notify per module.
+WITH x AS (
+    SELECT *, md5(b)::uuid AS k
     FROM unnest(%(module_ids)s::bigint[], %(bodies)s::text[], %(headers)s::text[],
                 %(repeatable)s::boolean[], %(to_hosts)s::text[], %(from_tasks)s::bigint[],
                 %(created)s::timestamptz[]) AS x(m, b, h, r, th, ft, mc)
-    ON CONFLICT (module_id, md5(body)) WHERE NOT repeatable DO NOTHING
+), fresh AS (
+    INSERT INTO task_keys (module_id, body_md5)
+    SELECT m, k FROM x WHERE NOT r
+    ON CONFLICT DO NOTHING
+    RETURNING module_id, body_md5
+), ins AS (
+    INSERT INTO tasks (app_id, module_id, body, headers, repeatable, to_host, from_task_id,
+                       message_created, ready_at, status)
+    SELECT %(app_id)s, x.m, x.b, x.h::jsonb, x.r, x.th, x.ft, coalesce(x.mc, now()), now(), -1
+    FROM x
+    WHERE x.r OR EXISTS (SELECT 1 FROM fresh f WHERE f.module_id = x.m AND f.body_md5 = x.k)
     RETURNING module_id
 )
-SELECT m, count(*), pg_notify('sbx_m' || m, 'ready') FROM ins GROUP BY m;
+SELECT module_id, count(*), pg_notify('sbx_m' || module_id, 'ready') FROM ins GROUP BY module_id;
 
 -- name: reopen_app
 UPDATE apps SET status = 'RUNNING', finished_at = NULL
@@ -93,11 +102,6 @@ UPDATE workers SET status = 'RUNNING', host = %(host)s, ip = %(ip)s, pid = %(pid
        lease_expires = now() + make_interval(secs => %(lease_seconds)s)
 WHERE id = %(worker_id)s AND status = 'PENDING'
 RETURNING module_id;
-
--- name: worker_ready
--- The worker's setup hook passed: its module's run of failed starts is over.
-UPDATE modules SET worker_failures = 0
-WHERE id = (SELECT module_id FROM workers WHERE id = %(worker_id)s) AND worker_failures <> 0;
 
 -- name: heartbeat
 -- Renews the lease on all of a worker's tasks at once (the lease lives on the worker).
@@ -164,7 +168,9 @@ RETURNING t.id, t.status;
 SELECT pg_notify('sbx_m' || %(module_id)s, %(payload)s);
 
 -- name: count_done
-UPDATE workers SET tasks_done = tasks_done + %(n)s WHERE id = %(worker_id)s;
+-- A worker that got work done ends its module's run of failed workers.
+WITH w AS (UPDATE workers SET tasks_done = tasks_done + %(n)s WHERE id = %(worker_id)s RETURNING module_id)
+UPDATE modules m SET worker_failures = 0 FROM w WHERE m.id = w.module_id AND m.worker_failures <> 0;
 
 -- name: apply_semaphore
 INSERT INTO semaphores AS s (app_id, name, value)

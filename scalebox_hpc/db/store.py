@@ -84,17 +84,23 @@ class Store:
 
     ``retrying`` runs an operation again after reconnecting while the database is
     down, so callers may treat a PostgreSQL restart as a pause.
+
+    Workers use ``async_commit``: their commits do not wait for the WAL flush. A
+    PostgreSQL crash (not a restart) can then forget the last fraction of a second of
+    claims and completions, each whole: those tasks simply run again, and since a
+    completion and its messages share one transaction, routing stays exactly once.
     """
 
-    def __init__(self, dsn: str, *, listen: Sequence[str] = ()):
+    def __init__(self, dsn: str, *, listen: Sequence[str] = (), async_commit: bool = False):
         self.dsn = dsn
         self.listen = tuple(listen)
+        self.async_commit = async_commit
         self._conn: psycopg.Connection | None = None
 
     @property
     def conn(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = connect(self.dsn)
+            self._conn = connect(self.dsn, async_commit=self.async_commit)
             for channel in self.listen:
                 self._conn.execute(f"LISTEN {channel}")
         return self._conn
@@ -145,6 +151,15 @@ class Store:
 
     def insert_messages(self, app_id: int, messages: Sequence[Message]) -> dict[int, int]:
         """Insert tasks (dedup applies); returns inserted count per module id."""
+        seen: set[tuple[int, str]] = set()
+        unique = []
+        for m in messages:
+            if not m.repeatable:
+                if (m.module_id, m.body) in seen:
+                    continue
+                seen.add((m.module_id, m.body))
+            unique.append(m)
+        messages = unique
         if not messages:
             return {}
         rows = self.q("insert_tasks", {
@@ -199,10 +214,7 @@ class Store:
         return sorted((ClaimedTask(*r) for r in rows), key=lambda t: t.id)
 
     def mark_running(self, worker_id: int, task_id: int) -> None:
-        # Losing this mark in a crash is harmless, so it need not wait for the WAL flush.
-        with self.conn.transaction():
-            self.conn.execute("SET LOCAL synchronous_commit = off")
-            self.q("mark_running", {"worker_id": worker_id, "task_id": task_id})
+        self.q("mark_running", {"worker_id": worker_id, "task_id": task_id})
 
     def return_tasks(self, worker_id: int, task_ids: Sequence[int] | None) -> int:
         """Hand back the given tasks, or all the worker holds (None), without counting an attempt."""

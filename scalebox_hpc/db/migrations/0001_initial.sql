@@ -57,10 +57,13 @@ CREATE TABLE workers (
 );
 CREATE INDEX workers_live ON workers (module_id) WHERE status IN ('PENDING','RUNNING','DRAINING');
 
+-- tasks, task_keys and task_exec take a row per message and per attempt, millions
+-- per run: they carry no foreign keys (a trigger per row on the hot path). Their
+-- references are written only by store.py, inside the transactions that make them.
 CREATE TABLE tasks (
     id              bigserial PRIMARY KEY,
-    app_id          bigint NOT NULL REFERENCES apps ON DELETE CASCADE,
-    module_id       bigint NOT NULL REFERENCES modules ON DELETE CASCADE,
+    app_id          bigint NOT NULL,
+    module_id       bigint NOT NULL,
     body            text NOT NULL,
     headers         jsonb NOT NULL DEFAULT '{}',
     repeatable      boolean NOT NULL DEFAULT false,
@@ -75,18 +78,25 @@ CREATE TABLE tasks (
     claimed_at      timestamptz,
     finished_at     timestamptz
 );
--- Dedup: a (module, body) pair runs once per app unless the message says repeatable.
-CREATE UNIQUE INDEX tasks_dedup ON tasks (module_id, md5(body)) WHERE NOT repeatable;
+-- Task rows are updated twice in their life (claimed, completed) and each update
+-- writes an entry into every index whose predicate matches: keep them few and partial.
 -- The claim query walks this partial index only.
 CREATE INDEX tasks_ready ON tasks (module_id, id) WHERE status = -1;
+-- Lease recovery: tasks held by a worker.
 CREATE INDEX tasks_worker ON tasks (worker_id) WHERE status IN (-2, -3);
 -- App completion checks only the unfinished tasks of an app.
 CREATE INDEX tasks_active ON tasks (app_id) WHERE status IN (-9, -1, -2, -3);
-CREATE INDEX tasks_app ON tasks (app_id, module_id);
+
+-- Dedup: a (module, body) pair runs once per app unless the message says repeatable.
+-- Kept apart from tasks so that the md5 key is written once, not on every task update.
+CREATE TABLE task_keys (
+    module_id       bigint NOT NULL,
+    body_md5        uuid NOT NULL,
+    PRIMARY KEY (module_id, body_md5)
+);
 
 CREATE TABLE task_exec (
-    id              bigserial PRIMARY KEY,
-    task_id         bigint NOT NULL REFERENCES tasks ON DELETE CASCADE,
+    task_id         bigint NOT NULL,
     attempt         integer NOT NULL,
     status_code     integer NOT NULL,
     worker_id       bigint,
@@ -123,7 +133,7 @@ CREATE TABLE task_exec (
     output_files    jsonb,
     messages_out    integer NOT NULL DEFAULT 0,
     note            text,
-    UNIQUE (task_id, attempt)
+    PRIMARY KEY (task_id, attempt)
 );
 
 CREATE TABLE semaphores (

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Dispatch throughput on the embedded default (issue: core engine benchmark).
+
+1. floor: N plain subprocess.run(['/bin/true']) calls spread over 2 processes;
+2. scalebox-hpc: an app with N tasks of a module whose program is /bin/true,
+   2 workers (slots: 2), embedded PostgreSQL, timed from app creation to FINISHED;
+3. queue: M tasks of the in-worker no-op program '@noop' (no process start),
+   2 workers, to measure the queue itself.
+Prints the figures and the ratio to the floor. Usage: bench_dispatch.py [N] [M]
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _true_loop(n: int) -> None:
+    for _ in range(n):
+        subprocess.run(["/bin/true"])
+
+
+def floor(n: int) -> float:
+    started = time.perf_counter()
+    with multiprocessing.Pool(2) as pool:
+        pool.map(_true_loop, [n // 2, n - n // 2])
+    return n / (time.perf_counter() - started)
+
+
+def scalebox(app_dir: Path, name: str, command: str, n: int, env: dict) -> tuple[float, dict]:
+    app_dir.mkdir(parents=True)
+    (app_dir / "bodies.txt").write_text("".join(f"{i}\n" for i in range(n)))
+    (app_dir / "app.yaml").write_text(
+        f"name: {name}\nmodules:\n  m:\n    base_image: host\n    command: {command}\n"
+        "    slots: 2\n    start_task: FILE:bodies.txt\n")
+    proc = subprocess.run([sys.executable, "-m", "scalebox_hpc", "run", "--json", str(app_dir)],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{name}: run failed ({proc.returncode}): {proc.stderr.strip()}")
+    summary = json.loads(proc.stdout)
+    ok = summary["modules"]["m"]["ok"]
+    if ok != n:
+        sys.exit(f"{name}: {ok} of {n} tasks ok")
+    return n / summary["elapsed_seconds"], summary
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
+    m = int(sys.argv[2]) if len(sys.argv) > 2 else 100000
+    with tempfile.TemporaryDirectory(prefix="sbx-bench-") as tmp:
+        os.chmod(tmp, 0o755)
+        env = {k: v for k, v in os.environ.items() if k not in ("SCALEBOX_DSN", "PGHOST", "PGDATABASE")}
+        env.update(SCALEBOX_STATE_DIR=str(Path(tmp) / "state"), SCALEBOX_IDLE_SECONDS="2",
+                   SCALEBOX_CONFIG=str(Path(tmp) / "none.yaml"))
+        # Start the embedded server before timing anything.
+        subprocess.run([sys.executable, "-m", "scalebox_hpc", "db", "url"], env=env, check=True,
+                       capture_output=True)
+        try:
+            floor_rate = floor(n)
+            print(f"floor: {n} x subprocess.run(['/bin/true']) in 2 processes: {floor_rate:,.0f} tasks/s")
+            rate, _ = scalebox(Path(tmp) / "true-app", "bench-true", "/bin/true", n, env)
+            print(f"scalebox-hpc: {n} /bin/true tasks, 2 workers, embedded PostgreSQL: {rate:,.0f} tasks/s "
+                  f"end to end = {rate / floor_rate:.2f} of the floor (target >= 0.70)")
+            qrate, _ = scalebox(Path(tmp) / "noop-app", "bench-noop", "'@noop'", m, env)
+            print(f"queue: {m} no-op tasks, 2 workers: {qrate:,.0f} tasks/s (target >= 5,000)")
+        finally:
+            subprocess.run([sys.executable, "-m", "scalebox_hpc", "db", "stop"], env=env, capture_output=True)
+
+
+if __name__ == "__main__":
+    main()
