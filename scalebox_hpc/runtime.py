@@ -95,8 +95,7 @@ class HostRuntime(Runtime):
         stderr.reset()
         self._killed = False
         started = utcnow()
-        if os.getcwd() != cwd:
-            os.chdir(cwd)   # posix_spawn has no cwd argument; the child inherits ours
+        os.chdir(cwd)   # posix_spawn has no cwd argument: the child inherits ours
         try:
             # Body and headers travel as argv elements: no shell ever sees them.
             pid = os.posix_spawn(program, self.command(program, body, headers_json), env,

@@ -32,6 +32,9 @@ CODE_NO_DESTINATION = -102   # output messages with no sink module and no main_r
 CODE_WORKDIR = -103          # WORK_DIR could not be made
 
 SINK_FILES = ("sink-tasks.txt", "messages.txt")
+# Linux caps one argv string at 32 pages (MAX_ARG_STRLEN): bigger bodies travel in a file.
+MAX_ARG_BYTES = 128 * 1024 - 1
+BODY_FILE = ".scalebox-body"
 
 
 @dataclass
@@ -243,8 +246,7 @@ class Worker:
         record = {"task_id": task.id, "attempt": task.attempt, "worker_id": self.worker_id,
                   "site": self.site, "host": self.host, "ip": self.ip, "slurm_job_id": self.slurm_job_id,
                   "t_message_created": task.message_created, "t_inserted": task.inserted_at,
-                  "t_ready": task.ready_at, "t_claimed": task.claimed_at, "t_received": received,
-                  "messages_out": 0}
+                  "t_ready": task.ready_at, "t_claimed": task.claimed_at, "t_received": received}
         result = TaskResult(task.id, task.attempt, 0, record)
         try:
             workdir = self._workdir()
@@ -253,10 +255,17 @@ class Worker:
             result.code = CODE_WORKDIR
             return result
         env = dict(self.base_env, WORK_DIR=str(workdir), TASK_ID=str(task.id), ATTEMPT=str(task.attempt))
+        body, body_file = task.body, None
+        if len(body) > MAX_ARG_BYTES // 4 and len(body.encode()) > MAX_ARG_BYTES:
+            # Too big for argv: "$1" names a file holding the body byte for byte, and
+            # SCALEBOX_BODY_FILE says so.
+            body_file = workdir / BODY_FILE
+            body_file.write_bytes(task.body.encode())
+            body = env["SCALEBOX_BODY_FILE"] = str(body_file)
         timeout = self.mdef.get("task_max_seconds")
         self.current = (task.id, time.monotonic())
         try:
-            prog = self.runtime.run(self.program, task.body, json.dumps(task.headers), env=env,
+            prog = self.runtime.run(self.program, body, json.dumps(task.headers), env=env,
                                     cwd=str(workdir), timeout=float(timeout) if timeout else None,
                                     stdout=self.out, stderr=self.err)
         finally:
@@ -265,9 +274,11 @@ class Worker:
                       stderr=prog.stderr, t_stageout_start=utcnow())
         code = prog.code
         try:
-            names = {e.name for e in os.scandir(workdir)}
+            names = {e.name for e in os.scandir(workdir)} - {BODY_FILE}
         except OSError:
             names = set()
+        if body_file is not None:
+            body_file.unlink(missing_ok=True)
         try:
             code = self._collect(workdir, names, code, result)
         except TaskFileError as exc:

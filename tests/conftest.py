@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import psycopg
@@ -23,9 +25,11 @@ _counter = itertools.count()
 
 
 @pytest.fixture(scope="session")
-def pg(tmp_path_factory):
-    base = tmp_path_factory.mktemp("pg")
-    os.chmod(base, 0o755)   # the server may run as an unprivileged account
+def pg():
+    # Not under pytest's tmp dir: that is private to root, and as root the server
+    # runs as an unprivileged account that must reach its data directory.
+    base = tempfile.mkdtemp(prefix="sbx-test-pg-")
+    os.chmod(base, 0o755)
     server = EmbeddedPostgres(base)
     dsn = server.ensure_running()   # fails loudly, never skips: the suite needs a real server
     admin = psycopg.conninfo.make_conninfo(dsn, dbname="postgres")
@@ -36,6 +40,7 @@ def pg(tmp_path_factory):
     server.admin_dsn = admin
     yield server
     server.stop(mode="immediate")
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

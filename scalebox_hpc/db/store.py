@@ -75,6 +75,7 @@ class TaskResult:
 
 
 def _exec_row(record: dict[str, Any]) -> list:
+    record.setdefault("messages_out", 0)
     return [Jsonb(record[c]) if c in _JSON_COLUMNS and record.get(c) is not None else record.get(c)
             for c in EXEC_COLUMNS]
 

@@ -1,0 +1,77 @@
+"""The examples of SPEC section 9, run end to end with the real CLI on a real PostgreSQL."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import EXAMPLES
+
+
+def run_app(sbx, name, env=None, expect=0):
+    proc = sbx("run", "--json", EXAMPLES / name, env=env, timeout=600)
+    assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+def executions(conn, app_id):
+    """{body: [status codes of each attempt, in order]}"""
+    rows = conn.execute(
+        "SELECT t.body, e.status_code FROM tasks t JOIN task_exec e ON e.task_id = t.id "
+        "WHERE t.app_id = %s ORDER BY t.id, e.attempt", (app_id,)).fetchall()
+    out: dict[str, list[int]] = {}
+    for body, code in rows:
+        out.setdefault(body, []).append(code)
+    return out
+
+
+def test_hello_scalebox(sbx):
+    summary = run_app(sbx, "hello-scalebox")
+    assert summary["status"] == "FINISHED"
+    assert summary["result"] == "Hello Scalebox, it is OK!"
+
+
+@pytest.mark.parametrize("limit, primes", [(1000, 168), (100000, 9592)])
+def test_app_primes(sbx, tmp_path, conn, limit, primes):
+    summary = run_app(sbx, "app-primes", env={"PRIMES_MAX": str(limit), "GATHER_DIR": str(tmp_path)})
+    assert summary["status"] == "FINISHED"
+    assert summary["result"] == str(primes)
+    calc = summary["modules"]["calc"]
+    assert calc["ok"] == calc["total"] == -(-limit // 1000)
+    assert summary["modules"]["gather"]["ok"] == calc["total"]
+
+
+def test_retry_rules_give_4_3_2_executions(sbx, conn):
+    summary = run_app(sbx, "retry-test")
+    assert summary["status"] == "FINISHED"
+    assert executions(conn, summary["id"]) == {"1": [1, 1, 1, 1], "2": [2, 2, 2], "3": [3, 3]}
+    final = dict(conn.execute("SELECT body, status FROM tasks WHERE app_id = %s", (summary["id"],)).fetchall())
+    assert final == {"1": 1, "2": 2, "3": 3}
+
+
+def test_timeout_gives_124_and_keeps_partial_output(sbx, conn):
+    summary = run_app(sbx, "timeout", env={"TIMEOUT_SECONDS": "2", "SLEEP_SECONDS": "8"})
+    assert summary["modules"]["sleeper"]["failed"] == 1
+    status, stdout, start, end = conn.execute(
+        "SELECT e.status_code, e.stdout, e.t_program_start, e.t_program_end FROM task_exec e "
+        "JOIN tasks t ON t.id = e.task_id WHERE t.app_id = %s", (summary["id"],)).fetchone()
+    assert status == 124
+    assert "started" in stdout and "finished" not in stdout
+    assert 2 <= (end - start).total_seconds() < 6
+
+
+def test_task_exec_files_are_recorded(sbx, conn):
+    summary = run_app(sbx, "task-exec-files")
+    task_id = conn.execute("SELECT id FROM tasks WHERE app_id = %s", (summary["id"],)).fetchone()[0]
+    shown = json.loads(sbx("task", "show", task_id, "--json", check=0).stdout)
+    (e,) = shown["executions"]
+    assert e["status_code"] == 0
+    assert (e["input_bytes"], e["output_bytes"]) == (1000, 2500)
+    assert (e["input_files"], e["output_files"]) == (["in.dat"], ["out.dat"])
+    assert e["user_text"] == "checked 42 records"
+    assert e["auxout"].strip() == "aux note"
+    assert e["user_timestamps"] == [["parsed", "2026-01-02T03:04:05+00:00"],
+                                    ["user-step", "2026-01-02T03:04:06+00:00"]]
+    for stage in ("message_created", "inserted", "ready", "claimed", "received", "program_start",
+                  "program_end", "stageout_start", "stageout_end", "sink_committed", "completed"):
+        assert e[f"t_{stage}"], stage
