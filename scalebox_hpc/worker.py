@@ -392,7 +392,7 @@ class Worker:
                 current = self.current
                 # Tasks that run for a while show as RUNNING; short ones go from QUEUED to done
                 # without the extra round trip on the hot path.
-                if current and current[0] != marked and now - current[1] > 0.5:
+                if current and current[0] != marked and now - current[1] > 0.2:
                     beat.mark_running(self.worker_id, current[0])
                     marked = current[0]
                 if now >= next_beat:
@@ -409,7 +409,7 @@ class Worker:
                 log.warning("heartbeat failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
                 beat._reset()
                 next_beat = now + 1.0
-            time.sleep(0.25)
+            time.sleep(0.1)
         beat.close()
 
     def _stop(self, reason: str, message: str) -> None:

@@ -1,0 +1,126 @@
+"""Faults a long run meets: a worker killed mid-task, the controller and PostgreSQL
+restarted mid-run. Each run must still finish with every message routed exactly once."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from scalebox_hpc import db
+from scalebox_hpc.db.embedded import EmbeddedPostgres
+
+ROUTING_APP = Path(__file__).parent / "apps" / "routing"
+N_WORK = 40
+
+
+def wait_for(predicate, timeout=60.0, interval=0.1, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def query(dsn, sql, *args):
+    """One query on a fresh connection (survives server restarts between calls)."""
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=3) as c:
+            return c.execute(sql, args).fetchall()
+    except psycopg.OperationalError:
+        return None
+
+
+def assert_routed_once(dsn, app_id):
+    (status,), = query(dsn, "SELECT status FROM apps WHERE id = %s", app_id)
+    assert status == "FINISHED"
+    rows = query(dsn, "SELECT m.name, t.status, count(*) FROM tasks t JOIN modules m ON m.id = t.module_id "
+                      "WHERE t.app_id = %s GROUP BY 1, 2", app_id)
+    assert sorted(rows) == [("sink", 0, N_WORK), ("work", 0, N_WORK)]
+    # Exactly one successful execution per task, and bodies that match one to one.
+    ok = query(dsn, "SELECT t.id, count(*) FROM task_exec e JOIN tasks t ON t.id = e.task_id "
+                    "WHERE t.app_id = %s AND e.status_code = 0 GROUP BY t.id", app_id)
+    assert len(ok) == 2 * N_WORK and all(n == 1 for _, n in ok)
+    bodies = query(dsn, "SELECT m.name, t.body FROM tasks t JOIN modules m ON m.id = t.module_id "
+                        "WHERE t.app_id = %s", app_id)
+    assert sorted(b for m, b in bodies if m == "sink") == sorted(b for m, b in bodies if m == "work")
+
+
+def held_worker(dsn, app_id):
+    """(worker id, pid) of a worker running a program of the app's work module."""
+    rows = query(dsn, "SELECT w.id, w.pid FROM workers w JOIN tasks t ON t.worker_id = w.id "
+                      "JOIN modules m ON m.id = t.module_id "
+                      "WHERE t.app_id = %s AND m.name = 'work' AND t.status = -3 AND w.status = 'RUNNING' "
+                      "LIMIT 1", app_id)
+    return rows[0] if rows else None
+
+
+def done_count(dsn, app_id):
+    rows = query(dsn, "SELECT count(*) FROM tasks WHERE app_id = %s AND status = 0", app_id)
+    return rows[0][0] if rows else 0
+
+
+def test_worker_killed_mid_task(sbx_env, dsn):
+    proc = subprocess.Popen([sys.executable, "-m", "scalebox_hpc", "run", "--json", str(ROUTING_APP)],
+                            env=dict(sbx_env, WORK_SECONDS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    app_id = wait_for(lambda: (query(dsn, "SELECT max(id) FROM apps") or [[None]])[0][0], what="app")
+    worker_id, pid = wait_for(lambda: held_worker(dsn, app_id), what="a running task")
+    os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["status"] == "FINISHED"
+    assert_routed_once(dsn, app_id)
+    lost = query(dsn, "SELECT count(*) FROM task_exec WHERE worker_id = %s AND status_code = 123", worker_id)
+    assert lost[0][0] >= 1, "the killed worker's task was not recorded as a lost attempt"
+    (wstatus,), = query(dsn, "SELECT status FROM workers WHERE id = %s", worker_id)
+    assert wstatus == "LOST"
+
+
+@pytest.fixture
+def private_pg():
+    """A server of this test's own, to restart without disturbing the others."""
+    base = tempfile.mkdtemp(prefix="sbx-test-pg-restart-")
+    os.chmod(base, 0o755)
+    server = EmbeddedPostgres(base)
+    dsn = server.ensure_running()
+    with db.connect(dsn) as conn:
+        db.upgrade(conn)
+    yield server, dsn
+    server.stop(mode="immediate")
+
+
+def test_controller_and_postgres_restart_mid_run(sbx_env, private_pg, tmp_path):
+    server, dsn = private_pg
+    env = dict(sbx_env, SCALEBOX_DSN=dsn, WORK_SECONDS="0.4")
+
+    def controller():
+        return subprocess.Popen([sys.executable, "-m", "scalebox_hpc", "-v", "controller"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "controller.log", "a"))
+
+    sub = subprocess.run([sys.executable, "-m", "scalebox_hpc", "submit", "--json", str(ROUTING_APP)],
+                         env=env, capture_output=True, text=True, check=True)
+    app_id = json.loads(sub.stdout)["id"]
+    ctl = controller()
+    try:
+        wait_for(lambda: done_count(dsn, app_id) >= 5, what="first tasks done")
+        ctl.kill()                       # SIGKILL: no chance to clean up
+        ctl.wait()
+        time.sleep(1.0)
+        ctl = controller()
+        wait_for(lambda: done_count(dsn, app_id) >= 20, what="progress after controller restart")
+        server.restart()                 # every connection drops
+        wait_for(lambda: (query(dsn, "SELECT status FROM apps WHERE id = %s", app_id) or [[None]])[0][0]
+                 == "FINISHED", timeout=120, interval=0.5, what="app FINISHED")
+    finally:
+        ctl.terminate()
+        ctl.wait(timeout=30)
+    assert_routed_once(dsn, app_id)
