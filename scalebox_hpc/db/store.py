@@ -249,8 +249,10 @@ class Store:
             with self.conn.cursor().copy(_COPY_EXEC) as copy:
                 for r in applied:
                     copy.write_row(_exec_row(r.record))
-            self.insert_messages(app_id, [m for r in applied for m in r.messages])
-            for r in applied:
+            # Only a successful attempt routes messages and changes app state.
+            succeeded = [r for r in applied if r.code == 0]
+            self.insert_messages(app_id, [m for r in succeeded for m in r.messages])
+            for r in succeeded:
                 for name, op, value in r.semaphores:
                     self.q("apply_semaphore", {"app_id": app_id, "name": name, "op": op, "value": value})
                 if r.app_result is not None:

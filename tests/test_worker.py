@@ -1,0 +1,136 @@
+"""Worker behaviour with real processes: argv safety, task files, wake-up, idle exit,
+and a database that is down when the worker starts."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from scalebox_hpc import db
+from scalebox_hpc.db.embedded import EmbeddedPostgres
+from scalebox_hpc.db.store import Store
+from test_faults import query, wait_for
+
+ECHO_APP = Path(__file__).parent / "apps" / "echo"
+
+NASTY = [
+    "it's \"quoted\" 'twice'",
+    "a; touch pwned-semicolon",
+    "$(touch pwned-subshell) `touch pwned-backtick` ${HOME}",
+    "line one\nline two\n",
+    "tab\there | pipe > redirect & background",
+    "ünïcödé ✓ 日本",
+    "-n",
+]
+
+
+@pytest.fixture
+def echo_app(sbx, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = sbx("submit", "--json", ECHO_APP, env={"OUT_DIR": str(out)}, check=0)
+    return json.loads(proc.stdout)["id"], out
+
+
+def run_controller_until_done(sbx_env, dsn, app_id, env=None, timeout=120):
+    ctl = subprocess.Popen([sys.executable, "-m", "scalebox_hpc", "controller"], env={**sbx_env, **(env or {})},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: query(dsn, "SELECT status FROM apps WHERE id = %s", app_id)[0][0] == "FINISHED",
+                 timeout=timeout, interval=0.2, what="app FINISHED")
+    finally:
+        ctl.terminate()
+        ctl.wait(timeout=30)
+
+
+def test_bodies_reach_the_program_byte_exact(sbx, sbx_env, dsn, echo_app, tmp_path):
+    app_id, out = echo_app
+    sbx("task", "add", app_id, "echo", "--", *NASTY, check=0)   # "--": bodies may start with "-"
+    big = tmp_path / "big.txt"
+    big.write_text("x" * (100 * 1024) + "\n" + "y" * (1024 * 1024) + "\n")  # 100 KiB (argv) and 1 MiB (file)
+    sbx("task", "add", app_id, "echo", "--file", big, check=0)
+    run_controller_until_done(sbx_env, dsn, app_id, env={"OUT_DIR": str(out)})
+    rows = query(dsn, "SELECT id, body, status FROM tasks WHERE app_id = %s", app_id)
+    assert len(rows) == len(NASTY) + 2
+    assert sorted(r[1] for r in rows) == sorted(NASTY + ["x" * 102400, "y" * 1048576])
+    for task_id, body, status in rows:
+        assert status == 0
+        assert (out / str(task_id)).read_bytes() == body.encode(), f"task {task_id} body differs"
+    for d in (out, tmp_path, Path.cwd()):
+        assert not list(d.glob("pwned-*")), "a body was interpreted by a shell"
+
+
+def test_malformed_sink_line_fails_the_task_and_applies_nothing(sbx, sbx_env, dsn, echo_app):
+    app_id, out = echo_app
+    sbx("task", "add", app_id, "echo", "emit:1", check=0)
+    run_controller_until_done(sbx_env, dsn, app_id, env={"OUT_DIR": str(out)})
+    (status,), = query(dsn, "SELECT status FROM tasks WHERE app_id = %s AND body = 'emit:1'", app_id)
+    assert status == -101
+    assert query(dsn, "SELECT count(*) FROM tasks WHERE app_id = %s", app_id)[0][0] == 1  # good-line not routed
+    (stderr, note), = query(dsn, "SELECT stderr, note FROM task_exec")
+    assert "sink-tasks.txt line 2" in stderr and "sink-tasks.txt line 2" in note
+
+
+def test_idle_worker_wakes_on_new_task_and_exits_when_idle(sbx, sbx_env, dsn, echo_app):
+    app_id, out = echo_app
+    env = {**sbx_env, "OUT_DIR": str(out), "SCALEBOX_IDLE_SECONDS": "4"}
+    ctl = subprocess.Popen([sys.executable, "-m", "scalebox_hpc", "controller"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        sbx("task", "add", app_id, "sink", "sleep:12", check=0)   # keeps the app RUNNING meanwhile
+        sbx("task", "add", app_id, "echo", "first", check=0)
+        wait_for(lambda: query(dsn, "SELECT count(*) FROM tasks WHERE status = 0")[0][0] == 1, what="first")
+        time.sleep(1.5)        # the worker is idle now, waiting for a notification
+        sbx("task", "add", app_id, "echo", "second", check=0)
+        wait_for(lambda: query(dsn, "SELECT count(*) FROM tasks WHERE status = 0")[0][0] == 2, what="second")
+        (wait,), = query(dsn, "SELECT extract(epoch from e.t_claimed - t.inserted_at) FROM task_exec e "
+                              "JOIN tasks t ON t.id = e.task_id WHERE t.body = 'second'")
+        workers = query(dsn, "SELECT count(*) FROM workers w JOIN modules m ON m.id = w.module_id "
+                             "WHERE m.name = 'echo'")[0][0]
+        assert workers == 1, "the idle worker should have taken the second task"
+        assert float(wait) < 0.5, f"idle worker took {wait} s to notice a new task"
+        (status, message), = wait_for(
+            lambda: query(dsn, "SELECT w.status, w.message FROM workers w JOIN modules m ON m.id = w.module_id "
+                               "WHERE m.name = 'echo' AND w.status = 'EXITED'"), timeout=30, what="idle exit")
+        assert message == "idle for 4 s"
+        assert query(dsn, "SELECT status FROM apps WHERE id = %s", app_id)[0][0] == "RUNNING"
+    finally:
+        ctl.terminate()
+        ctl.wait(timeout=30)
+
+
+def test_worker_waits_for_a_database_that_is_down(tmp_path):
+    base = tempfile.mkdtemp(prefix="sbx-test-pg-down-")
+    os.chmod(base, 0o755)
+    server = EmbeddedPostgres(base)
+    dsn = server.ensure_running()
+    try:
+        with db.connect(dsn) as conn:
+            db.upgrade(conn)
+        store = Store(dsn)
+        mod = {"name": "m", "site": "local", "command": "@noop", "base_image": "host", "retry_rules": []}
+        app_id = store.create_app({"name": "t", "site": "local"}, [mod], [("m", "a"), ("m", "b")])
+        module_id = store.one("module_by_name", {"app_id": app_id, "name": "m"})
+        worker_id = store.create_worker(module_id, "local", 600)
+        store.close()
+        server.stop()
+        env = dict(os.environ, SCALEBOX_DSN=dsn)
+        proc = subprocess.Popen([sys.executable, "-m", "scalebox_hpc", "worker", "--worker-id", str(worker_id),
+                                 "--scratch", str(tmp_path), "--idle-seconds", "1"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(3)
+        assert proc.poll() is None, "the worker gave up instead of waiting for the database"
+        server.ensure_running()
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert "database unavailable" in out and "retrying in" in out
+        assert query(dsn, "SELECT count(*) FROM tasks WHERE status = 0")[0][0] == 2
+    finally:
+        server.stop(mode="immediate")
