@@ -233,7 +233,7 @@ def run(ctx, app_path, env_files, wait, as_json, quiet):
     app, app_id = _submit(ctx, app_path, env_files, None)
     store = _store(ctx)
     if not wait:
-        if not _controller_running(store):
+        if not store.controller_running():
             _start_background_controller()
         click.echo(json.dumps({"id": app_id}) if as_json else f"submitted app {app_id} ({app.name})")
         return
@@ -243,13 +243,6 @@ def run(ctx, app_path, env_files, wait, as_json, quiet):
     summary = _summary(store, app_id)
     emit_json(summary) if as_json else _print_summary(summary)
     sys.exit(0 if status == "FINISHED" else 1)
-
-
-def _controller_running(store) -> bool:
-    got = store.conn.execute("SELECT pg_try_advisory_lock(726002)").fetchone()[0]
-    if got:
-        store.conn.execute("SELECT pg_advisory_unlock(726002)")
-    return not got
 
 
 @main.command()
@@ -266,7 +259,7 @@ def submit(ctx, app_path, env_files, site, wait, as_json):
     store = _store(ctx)
     if not wait:
         click.echo(json.dumps({"id": app_id}) if as_json else f"submitted app {app_id} ({app.name})")
-        if not as_json and not _controller_running(store):
+        if not as_json and not store.controller_running():
             click.echo("note: no controller is running on this database; start one with "
                        "'scalebox-hpc controller'", err=True)
         return

@@ -51,9 +51,8 @@ class Controller:
 
     def _connect(self) -> None:
         """(Re)connect and try to become the active controller."""
-        conn = self.store.conn
         was_active = self.active
-        self.active = bool(conn.execute("SELECT pg_try_advisory_lock(726002)").fetchone()[0])
+        self.active = self.store.try_controller_lock()
         if self.active and not was_active:
             # Workers could not renew their leases while we (or the database) were away:
             # give them one lease period to do so before declaring anybody lost.

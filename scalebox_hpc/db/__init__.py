@@ -90,7 +90,7 @@ def with_retry(fn: Callable[[], T], *, what: str, give_up_after: float | None = 
 
 
 def schema_version(conn: psycopg.Connection) -> int:
-    exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()[0]
+    exists = conn.execute(QUERIES["schema_table_exists"]).fetchone()[0]
     return conn.execute(QUERIES["schema_version"]).fetchone()[0] if exists else 0
 
 
@@ -98,18 +98,15 @@ def upgrade(conn: psycopg.Connection) -> list[str]:
     """Apply every migration newer than the database, each in its own transaction."""
     applied = []
     with conn.transaction():
-        # Serialise concurrent upgrades (two commands starting on a fresh database).
-        conn.execute("SELECT pg_advisory_xact_lock(726001)")
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
-                     "version integer PRIMARY KEY, name text NOT NULL, "
-                     "applied_at timestamptz NOT NULL DEFAULT now())")
+        conn.execute(QUERIES["schema_lock"])
+        conn.execute(QUERIES["schema_table"])
         current = schema_version(conn)
         for version, name, sql in migrations():
             if version <= current:
                 continue
             with conn.transaction():
                 conn.execute(sql)
-                conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name))
+                conn.execute(QUERIES["schema_applied"], {"version": version, "name": name})
             applied.append(f"{version:04d}_{name}")
     for item in applied:
         log.info("applied migration %s", item)

@@ -2,8 +2,25 @@
 -- them into Python calls; nothing else in the package writes SQL.
 -- Placeholders are psycopg named parameters.
 
+-- name: schema_table_exists
+SELECT to_regclass('schema_migrations') IS NOT NULL;
+
 -- name: schema_version
 SELECT coalesce(max(version), 0) FROM schema_migrations;
+
+-- name: schema_lock
+-- Serialises concurrent upgrades (two commands starting on a fresh database).
+SELECT pg_advisory_xact_lock(726001);
+
+-- name: schema_table
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: schema_applied
+INSERT INTO schema_migrations (version, name) VALUES (%(version)s, %(name)s);
 
 -- name: create_app
 INSERT INTO apps (name, status, site, definition, started_at)
@@ -272,3 +289,16 @@ WHERE id = ANY(%(worker_ids)s) AND status IN ('PENDING', 'RUNNING', 'DRAINING');
 -- One active controller per database; others stand by (a session lock: it goes
 -- with the controller's connection, so a killed controller frees it at once).
 SELECT pg_try_advisory_lock(726002);
+
+-- name: release_controller_lock
+SELECT pg_advisory_unlock(726002);
+
+-- name: worker_module
+SELECT module_id FROM workers WHERE id = %(worker_id)s;
+
+-- name: recover_tasks
+UPDATE tasks t SET status = x.s, worker_id = NULL,
+       ready_at = CASE WHEN x.s = -1 THEN now() ELSE t.ready_at END,
+       finished_at = CASE WHEN x.s = -1 THEN NULL ELSE now() END
+FROM unnest(%(task_ids)s::bigint[], %(statuses)s::integer[]) AS x(id, s)
+WHERE t.id = x.id;

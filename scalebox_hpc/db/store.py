@@ -259,12 +259,10 @@ class Store:
                     self.q("set_app_result", {"app_id": app_id, "result": r.app_result})
             if any(statuses[r.task_id] == -1 for r in applied):
                 # Retried tasks are READY again: wake idle workers of this module.
-                self.q("notify_module", {"module_id": self._module_of(worker_id), "payload": "ready"})
+                self.q("notify_module", {"module_id": self.one("worker_module", {"worker_id": worker_id}),
+                                         "payload": "ready"})
             self.q("count_done", {"worker_id": worker_id, "n": len(applied)})
         return len(applied)
-
-    def _module_of(self, worker_id: int) -> int:
-        return self.conn.execute("SELECT module_id FROM workers WHERE id = %s", (worker_id,)).fetchone()[0]
 
     def _final_statuses(self, results: Sequence[TaskResult],
                         rules: Sequence[tuple[str, int]]) -> dict[int, int]:
@@ -304,12 +302,7 @@ class Store:
                                 "slurm_job_id": job, "t_message_created": created, "t_inserted": inserted,
                                 "t_ready": ready, "t_claimed": claimed,
                                 "note": "lease lost: the worker died or stopped heart-beating"})
-            self.conn.execute(
-                "UPDATE tasks t SET status = x.s, worker_id = NULL,"
-                " ready_at = CASE WHEN x.s = -1 THEN now() ELSE t.ready_at END,"
-                " finished_at = CASE WHEN x.s = -1 THEN NULL ELSE now() END"
-                " FROM unnest(%s::bigint[], %s::integer[]) AS x(id, s) WHERE t.id = x.id",
-                (ids, statuses))
+            self.q("recover_tasks", {"task_ids": ids, "statuses": statuses})
             with self.conn.cursor().copy(_COPY_EXEC) as copy:
                 for rec in records:
                     copy.write_row(_exec_row(rec))
@@ -320,6 +313,16 @@ class Store:
     def create_worker(self, module_id: int, site: str, start_timeout: float) -> int:
         return self.one("create_worker", {"module_id": module_id, "site": site,
                                           "start_timeout": start_timeout})
+
+    def try_controller_lock(self) -> bool:
+        return bool(self.one("try_controller_lock"))
+
+    def controller_running(self) -> bool:
+        """Whether another session holds the controller lock (checked without keeping it)."""
+        if self.try_controller_lock():
+            self.q("release_controller_lock")
+            return False
+        return True
 
     def finish_apps(self) -> list[int]:
         with self.conn.transaction():
