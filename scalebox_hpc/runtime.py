@@ -45,15 +45,23 @@ class OutputBuffer:
         self.fd = os.memfd_create(f"scalebox-{name}", os.MFD_CLOEXEC)
         self.limit = limit
         self.keep = keep
+        self.dirty = False
 
     def reset(self) -> None:
-        os.ftruncate(self.fd, 0)
-        os.lseek(self.fd, 0, os.SEEK_SET)
+        if self.dirty:       # most short programs print nothing: skip the syscalls then
+            os.ftruncate(self.fd, 0)
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            self.dirty = False
+
+    def write(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+        self.dirty = True
 
     def text(self) -> str:
         size = os.fstat(self.fd).st_size
         if size == 0:
             return ""
+        self.dirty = True
         if size <= self.limit:
             data = os.pread(self.fd, size, 0)
         elif self.keep == "head":
@@ -105,7 +113,7 @@ class HostRuntime(Runtime):
                                  setsid=True)
         except OSError as exc:
             # Same codes a shell gives for a program it cannot find or run.
-            os.write(stderr.fd, f"scalebox-hpc: cannot start {program}: {exc.strerror}\n".encode())
+            stderr.write(f"scalebox-hpc: cannot start {program}: {exc.strerror}\n")
             return ProgramResult(126 if os.path.exists(program) else 127, started, utcnow(),
                                  stdout.text(), stderr.text())
         self._pid = pid
@@ -120,7 +128,7 @@ class HostRuntime(Runtime):
         code = os.waitstatus_to_exitcode(status)
         if timed_out:
             code = TIMEOUT_CODE
-            os.write(stderr.fd, f"\nscalebox-hpc: killed after task_max_seconds={timeout:g}\n".encode())
+            stderr.write(f"\nscalebox-hpc: killed after task_max_seconds={timeout:g}\n")
         elif code < 0:
             code = 128 - code  # killed by a signal: report it the way a shell does
         return ProgramResult(code, started, ended, stdout.text(), stderr.text(), timed_out, self._killed)

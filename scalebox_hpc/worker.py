@@ -94,6 +94,8 @@ class Worker:
             self.settings.idle_seconds = float(mdef["idle_seconds"])
         self.scratch = Path(self.settings.scratch_root) / f"worker-{self.worker_id}"
         self.scratch.mkdir(parents=True, exist_ok=True)
+        self.workdir = str(self.scratch / "work")
+        self.workdir_ready = os.path.isdir(self.workdir) and not os.listdir(self.workdir)
         self.base_env = dict(os.environ)
         self.base_env.pop("SCALEBOX_DSN", None)   # the program has no business with the database
         self.base_env.update({
@@ -244,8 +246,6 @@ class Worker:
     def _run_task(self, task: ClaimedTask) -> TaskResult:
         received = utcnow()
         record = {"task_id": task.id, "attempt": task.attempt, "worker_id": self.worker_id,
-                  "site": self.site, "host": self.host, "ip": self.ip, "slurm_job_id": self.slurm_job_id,
-                  "t_message_created": task.message_created, "t_inserted": task.inserted_at,
                   "t_ready": task.ready_at, "t_claimed": task.claimed_at, "t_received": received}
         result = TaskResult(task.id, task.attempt, 0, record)
         try:
@@ -254,19 +254,19 @@ class Worker:
             record.update(status_code=CODE_WORKDIR, note=f"cannot create WORK_DIR: {exc}")
             result.code = CODE_WORKDIR
             return result
-        env = dict(self.base_env, WORK_DIR=str(workdir), TASK_ID=str(task.id), ATTEMPT=str(task.attempt))
+        env = dict(self.base_env, WORK_DIR=workdir, TASK_ID=str(task.id), ATTEMPT=str(task.attempt))
         body, body_file = task.body, None
         if len(body) > MAX_ARG_BYTES // 4 and len(body.encode()) > MAX_ARG_BYTES:
             # Too big for argv: "$1" names a file holding the body byte for byte, and
             # SCALEBOX_BODY_FILE says so.
-            body_file = workdir / BODY_FILE
+            body_file = Path(workdir, BODY_FILE)
             body_file.write_bytes(task.body.encode())
             body = env["SCALEBOX_BODY_FILE"] = str(body_file)
         timeout = self.mdef.get("task_max_seconds")
         self.current = (task.id, time.monotonic())
         try:
             prog = self.runtime.run(self.program, body, json.dumps(task.headers), env=env,
-                                    cwd=str(workdir), timeout=float(timeout) if timeout else None,
+                                    cwd=workdir, timeout=float(timeout) if timeout else None,
                                     stdout=self.out, stderr=self.err)
         finally:
             self.current = None
@@ -274,7 +274,7 @@ class Worker:
                       stderr=prog.stderr, t_stageout_start=utcnow())
         code = prog.code
         try:
-            names = {e.name for e in os.scandir(workdir)} - {BODY_FILE}
+            names = set(os.listdir(workdir)) - {BODY_FILE}
         except OSError:
             names = set()
         if body_file is not None:
@@ -292,7 +292,7 @@ class Worker:
         self._cleanup(workdir, code, task, names)
         return result
 
-    def _collect(self, workdir: Path, names: set[str], code: int, result: TaskResult) -> int:
+    def _collect(self, workdir: str, names: set[str], code: int, result: TaskResult) -> int:
         """Read what the program left in WORK_DIR. Messages, semaphores and the app
         result count only for a successful attempt; records are kept for every one."""
         if not names:
@@ -300,7 +300,8 @@ class Worker:
         record = result.record
 
         def read(name: str) -> str:
-            return (workdir / name).read_text(errors="replace")
+            with open(os.path.join(workdir, name), errors="replace") as fh:
+                return fh.read()
 
         if "task-exec.json" in names:
             info = taskfiles.parse_task_exec_json(read("task-exec.json"))
@@ -320,7 +321,7 @@ class Worker:
                 files = taskfiles.parse_file_list(read(name), name)
                 record[f"{kind}_files"] = (record.get(f"{kind}_files") or []) + files
                 if record.get(f"{kind}_bytes") is None:
-                    record[f"{kind}_bytes"] = taskfiles.sum_file_sizes(files, str(workdir))
+                    record[f"{kind}_bytes"] = taskfiles.sum_file_sizes(files, workdir)
         if "auxout.txt" in names:
             record["auxout"] = read("auxout.txt")[: self.out.limit]
         if code != 0:
@@ -356,28 +357,29 @@ class Worker:
                                    {**origin, **msg.headers}, created=now, from_task_id=task_id))
         return out
 
-    def _workdir(self) -> Path:
+    def _workdir(self) -> str:
         """The task's WORK_DIR: empty, on node-local scratch. A directory the previous
         task left empty is handed on as it is (an empty directory is as fresh as a new
         one, and mkdir/rmdir per task is costly on overlay filesystems)."""
-        workdir = self.scratch / "work"
-        if not workdir.is_dir():
-            workdir.mkdir()
-        return workdir
+        if not self.workdir_ready:
+            os.mkdir(self.workdir)
+            self.workdir_ready = True
+        return self.workdir
 
-    def _cleanup(self, workdir: Path, code: int, task: ClaimedTask, names: set[str]) -> None:
+    def _cleanup(self, workdir: str, code: int, task: ClaimedTask, names: set[str]) -> None:
         if not names:
             return
+        self.workdir_ready = False
         if code != 0 and self.failed_workdirs < self.settings.keep_failed_workdirs:
             self.failed_workdirs += 1
             kept = self.scratch / f"failed-task-{task.id}-{task.attempt}"
-            workdir.rename(kept)
+            os.rename(workdir, kept)
             log.info("kept WORK_DIR of failed task %s for inspection: %s", task.id, kept)
         else:
             # Renamed first, so the next task gets an empty WORK_DIR even if some file
             # cannot be removed.
             trash = self.scratch / f".trash-{task.id}-{task.attempt}"
-            workdir.rename(trash)
+            os.rename(workdir, trash)
             shutil.rmtree(trash, ignore_errors=True)
 
     # -- heartbeat ----------------------------------------------------------------------------

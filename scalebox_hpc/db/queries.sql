@@ -56,6 +56,21 @@ WITH x AS (
 )
 SELECT module_id, count(*), pg_notify('sbx_m' || module_id, 'ready') FROM ins GROUP BY module_id;
 
+-- name: copy_task_keys
+COPY task_keys (module_id, body_md5) FROM STDIN;
+
+-- name: copy_tasks
+-- The start tasks of a new app: nothing older to dedup against, so a plain COPY.
+COPY tasks (app_id, module_id, body, headers, repeatable, to_host) FROM STDIN;
+
+-- name: copy_task_exec
+COPY task_exec (task_id, attempt, status_code, worker_id, t_ready, t_claimed, t_received,
+                t_check_start, t_check_end, t_stagein_start, t_stagein_end,
+                t_program_start, t_program_end, t_stageout_start, t_stageout_end,
+                t_forward_start, t_forward_end, user_timestamps, stdout, stderr, user_text,
+                auxout, input_bytes, output_bytes, input_files, output_files, messages_out, note)
+FROM STDIN;
+
 -- name: reopen_app
 UPDATE apps SET status = 'RUNNING', finished_at = NULL
 WHERE id = %(app_id)s AND status = 'FINISHED';
@@ -151,7 +166,7 @@ WITH c AS (
 )
 UPDATE tasks t SET status = -2, worker_id = %(worker_id)s, attempts = t.attempts + 1, claimed_at = now()
 FROM c WHERE t.id = c.id
-RETURNING t.id, t.body, t.headers, t.attempts, t.message_created, t.inserted_at, t.ready_at, t.claimed_at;
+RETURNING t.id, t.body, t.headers, t.attempts, t.ready_at, t.claimed_at;
 
 -- name: mark_running
 UPDATE tasks SET status = -3
@@ -216,8 +231,8 @@ RETURNING id, module_id, status;
 
 -- name: orphaned_tasks
 -- Tasks still held by a worker that is gone.
-SELECT t.id, t.attempts, t.module_id, t.worker_id, t.message_created, t.inserted_at, t.ready_at,
-       t.claimed_at, w.site, w.host, w.ip, w.slurm_job_id, m.definition->'retry_rules' AS retry_rules,
+SELECT t.id, t.attempts, t.module_id, t.worker_id, t.ready_at, t.claimed_at,
+       m.definition->'retry_rules' AS retry_rules,
        (SELECT count(*) FROM task_exec e WHERE e.task_id = t.id AND e.status_code = 123) AS lost_before
 FROM tasks t JOIN workers w ON w.id = t.worker_id JOIN modules m ON m.id = t.module_id
 WHERE t.status IN (-2, -3) AND w.status IN ('LOST', 'EXITED', 'FAILED')
@@ -256,7 +271,16 @@ SELECT t.id, t.app_id, m.name AS module, t.status, t.attempts, t.body, t.headers
 FROM tasks t JOIN modules m ON m.id = t.module_id WHERE t.id = %(task_id)s;
 
 -- name: task_execs
-SELECT * FROM task_exec WHERE task_id = %(task_id)s ORDER BY attempt;
+-- Every attempt with its full record: the worker's place and the task's own times joined in.
+SELECT e.attempt, e.status_code, e.worker_id, w.site, w.host, w.ip, w.slurm_job_id,
+       t.message_created AS t_message_created, t.inserted_at AS t_inserted,
+       e.t_ready, e.t_claimed, e.t_received, e.t_check_start, e.t_check_end,
+       e.t_stagein_start, e.t_stagein_end, e.t_program_start, e.t_program_end,
+       e.t_stageout_start, e.t_stageout_end, e.t_sink_committed, e.t_completed,
+       e.t_forward_start, e.t_forward_end, e.user_timestamps, e.stdout, e.stderr, e.user_text,
+       e.auxout, e.input_bytes, e.output_bytes, e.input_files, e.output_files, e.messages_out, e.note
+FROM task_exec e JOIN tasks t ON t.id = e.task_id LEFT JOIN workers w ON w.id = e.worker_id
+WHERE e.task_id = %(task_id)s ORDER BY e.attempt;
 
 -- name: retry_tasks
 -- Operator retry: final failed tasks become READY again.

@@ -72,9 +72,9 @@ CREATE TABLE tasks (
     attempts        integer NOT NULL DEFAULT 0,
     worker_id       bigint,
     from_task_id    bigint,
-    message_created timestamptz,
+    message_created timestamptz DEFAULT now(),
     inserted_at     timestamptz NOT NULL DEFAULT now(),
-    ready_at        timestamptz,
+    ready_at        timestamptz DEFAULT now(),
     claimed_at      timestamptz,
     finished_at     timestamptz
 );
@@ -99,14 +99,10 @@ CREATE TABLE task_exec (
     task_id         bigint NOT NULL,
     attempt         integer NOT NULL,
     status_code     integer NOT NULL,
+    -- Site, host, address and Slurm job are the worker's (workers row); message
+    -- creation and insertion times are the task's (tasks row): not repeated per attempt.
     worker_id       bigint,
-    site            text,
-    host            text,
-    ip              text,
-    slurm_job_id    text,
     -- the task perspective, SPEC section 6
-    t_message_created   timestamptz,
-    t_inserted          timestamptz,
     t_ready             timestamptz,
     t_claimed           timestamptz,
     t_received          timestamptz,
