@@ -69,6 +69,8 @@ def main() -> None:
             qrate, _ = scalebox(Path(tmp) / "noop-app", "bench-noop", "'@noop'", m, env)
             print(f"queue: {m} no-op tasks, 2 workers: {qrate:,.0f} tasks/s (target >= 5,000)")
         finally:
+            # Workers leave within a second of their app finishing; let them sign off.
+            time.sleep(2)
             subprocess.run([sys.executable, "-m", "scalebox_hpc", "db", "stop"], env=env, capture_output=True)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .db.store import ClaimedTask, Message, Store, TaskResult
-from .errors import TaskFileError
+from .errors import DatabaseUnavailable, TaskFileError
 from .runtime import OutputBuffer, ProgramResult, runtime_for, utcnow
 from . import taskfiles
 
@@ -74,6 +74,8 @@ class Worker:
         self.pending_since = 0.0
         self.failed_workdirs = 0
         self.avg_seconds = 1.0
+        # How long to keep trying an unreachable database before giving up.
+        self.patience = max(60.0, 10 * settings.lease_seconds)
 
     # -- setup ---------------------------------------------------------------------
     def _load_module(self, module_id: int) -> None:
@@ -111,57 +113,75 @@ class Worker:
                                 stdout=self.out, stderr=self.err)
 
     # -- main ----------------------------------------------------------------------------
+    def _db(self, fn, what: str, *, finishing: bool = False):
+        """A database call retried through outages for at most ``patience`` seconds: by
+        then the controller has given this worker's tasks to others. Claims give up at
+        once when the worker is asked to stop; finishing calls (commit, hand back, sign
+        off) keep trying unless the worker was declared lost."""
+        stop = self.stopped.is_set if finishing else (lambda: self.stopped.is_set() or self.draining.is_set())
+        return self.store.retrying(fn, what=what, give_up_after=self.patience, stop=stop)
+
     def run(self) -> int:
-        s = self.settings
-        module_id = self.store.retrying(lambda: self.store.start_worker(
-            self.worker_id, host=self.host, ip=self.ip, pid=os.getpid(), slurm_job_id=self.slurm_job_id,
-            lease_seconds=s.lease_seconds), what="register worker")
-        if module_id is None:
-            log.error("worker %s is not pending (already started or declared lost); exiting", self.worker_id)
-            return 1
-        self._load_module(module_id)
-        self.store.listen = (f"sbx_m{self.module_id}",)
-        self.store.retrying(lambda: self.store.conn, what="listen")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
+        try:
+            module_id = self._db(lambda: self.store.start_worker(
+                self.worker_id, host=self.host, ip=self.ip, pid=os.getpid(), slurm_job_id=self.slurm_job_id,
+                lease_seconds=self.settings.lease_seconds), "register worker")
+            if module_id is None:
+                log.error("worker %s is not pending (already started or declared lost); exiting", self.worker_id)
+                return 1
+            self._load_module(module_id)
+            self.store.listen = (f"sbx_m{self.module_id}",)
+            self._db(lambda: self.store.conn, "listen")
+        except DatabaseUnavailable as exc:
+            log.error("worker %s: %s", self.worker_id, exc)
+            return 3
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
         log.info("worker %s: module %s (app %s) on %s, scratch %s", self.worker_id, self.module_name,
                  self.app_id, self.host, self.scratch)
-
         setup = self._hook("setup")
         if setup is not None and setup.code != 0:
-            msg = f"setup hook failed with exit code {setup.code}: {setup.stderr.strip()[-300:]}"
-            log.error(msg)
-            self.store.retrying(lambda: self.store.stop_worker(self.worker_id, "FAILED", msg,
-                                                               count_failure=True), what="stop worker")
-            return 1
-        crashed = False
+            self.stop_reason = f"setup hook failed with exit code {setup.code}: {setup.stderr.strip()[-300:]}"
+            log.error(self.stop_reason)
+            return self._sign_off("FAILED", count_failure=True)
         try:
             self._loop()
+        except DatabaseUnavailable as exc:
+            # Its leases have run out meanwhile: the controller hands its tasks to others.
+            log.error("worker %s: %s; exiting", self.worker_id, exc)
+            self.stopped.set()
+            return 3
         except Exception as exc:
             # A bug or an unexpected failure: its tasks go back through lease recovery
             # (counted attempts), and the controller counts the failed worker.
             log.exception("worker %s crashed", self.worker_id)
             self.stop_reason = f"crashed: {type(exc).__name__}: {exc}"
-            crashed = True
-        finally:
-            status = "LOST" if self.stop_reason == "lost" else "FAILED" if crashed else "EXITED"
+            return self._sign_off("FAILED", count_failure=True)
+        if self.stop_reason == "lost":
+            return self._sign_off("LOST")
+        return self._sign_off("EXITED")
+
+    def _sign_off(self, status: str, count_failure: bool = False) -> int:
+        try:
             if status == "EXITED":
                 self._flush()
                 # Whatever is still held was never started (or was stopped by a cancel): free of cost.
-                self.store.retrying(lambda: self.store.return_tasks(self.worker_id, None),
-                                    what="return tasks", give_up_after=60)
+                self._db(lambda: self.store.return_tasks(self.worker_id, None), "return tasks", finishing=True)
             teardown = self._hook("teardown")
             if teardown is not None and teardown.code != 0:
                 log.warning("teardown hook exited with %s", teardown.code)
-            self.store.retrying(lambda: self.store.stop_worker(self.worker_id, status, self.stop_reason or None,
-                                                               count_failure=crashed),
-                                what="stop worker", give_up_after=60)
+            self._db(lambda: self.store.stop_worker(self.worker_id, status, self.stop_reason or None,
+                                                    count_failure=count_failure), "stop worker", finishing=True)
+        except DatabaseUnavailable as exc:
+            log.error("worker %s: %s", self.worker_id, exc)
+        finally:
+            self.stopped.set()
             if not self.failed_workdirs:
                 shutil.rmtree(self.scratch, ignore_errors=True)
-            log.info("worker %s stopped (%s)", self.worker_id, self.stop_reason or "done")
-        return 1 if crashed else 0
+            log.info("worker %s stopped: %s (%s)", self.worker_id, status, self.stop_reason or "done")
+        return 0 if status == "EXITED" else 1
 
     def _on_signal(self, signum, _frame) -> None:
         log.info("worker %s: %s received, draining", self.worker_id, signal.Signals(signum).name)
@@ -181,9 +201,14 @@ class Worker:
                         return
                     self._wait(min(5.0, s.idle_seconds))
                     continue
-            batch = self.store.retrying(lambda: self.store.claim(
-                worker_id=self.worker_id, module_id=self.module_id, app_id=self.app_id, host=self.host,
-                host_bound=self.host_bound, limit=self._batch_size()), what="claim tasks")
+            try:
+                batch = self._db(lambda: self.store.claim(
+                    worker_id=self.worker_id, module_id=self.module_id, app_id=self.app_id, host=self.host,
+                    host_bound=self.host_bound, limit=self._batch_size()), "claim tasks")
+            except DatabaseUnavailable:
+                if self.draining.is_set() or self.stopped.is_set():
+                    return
+                raise
             if not batch:
                 self._flush()
                 idle = time.monotonic() - idle_since
@@ -218,8 +243,8 @@ class Worker:
                 if not self.stopped.is_set():
                     rest = [t.id for t in batch[i:]]
                     self._flush()
-                    n = self.store.retrying(lambda: self.store.return_tasks(self.worker_id, rest),
-                                            what="return tasks")
+                    n = self._db(lambda: self.store.return_tasks(self.worker_id, rest), "return tasks",
+                                 finishing=True)
                     log.info("returned %d unstarted task(s)", n)
                 return
             t0 = time.monotonic()
@@ -238,9 +263,8 @@ class Worker:
         if not self.pending:
             return
         results, self.pending = self.pending, []
-        self.store.retrying(lambda: self.store.complete(worker_id=self.worker_id, app_id=self.app_id,
-                                                        results=results, retry_rules=self.rules),
-                            what="commit task results")
+        self._db(lambda: self.store.complete(worker_id=self.worker_id, app_id=self.app_id, results=results,
+                                             retry_rules=self.rules), "commit task results", finishing=True)
 
     # -- one task -------------------------------------------------------------------------
     def _run_task(self, task: ClaimedTask) -> TaskResult:
@@ -387,9 +411,13 @@ class Worker:
         beat = Store(self.store.dsn, async_commit=True)
         interval = self.settings.lease_seconds / 3
         next_beat = 0.0
+        last_ok = time.monotonic()
         marked = None
         while not self.stopped.is_set():
             now = time.monotonic()
+            if now - last_ok > self.patience:
+                self._stop("unreachable", f"database unreachable for {self.patience:.0f} s")
+                break
             try:
                 current = self.current
                 # Tasks that run for a while show as RUNNING; short ones go from QUEUED to done
@@ -399,7 +427,7 @@ class Worker:
                     marked = current[0]
                 if now >= next_beat:
                     app_status = beat.heartbeat(self.worker_id, self.settings.lease_seconds)
-                    next_beat = now + interval
+                    next_beat, last_ok = now + interval, now
                     if app_status is None:
                         self._stop("lost", "lease lost: the controller declared this worker lost")
                     elif app_status == "CANCELLED":

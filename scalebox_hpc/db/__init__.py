@@ -67,11 +67,12 @@ def connect(dsn: str, *, autocommit: bool = True, dict_rows: bool = False,
 
 
 def with_retry(fn: Callable[[], T], *, what: str, give_up_after: float | None = None,
-               on_retry: Callable[[], None] | None = None) -> T:
+               on_retry: Callable[[], None] | None = None, stop: Callable[[], bool] | None = None) -> T:
     """Run fn, retrying with capped exponential backoff while the database is unreachable.
 
     Workers and the controller use this so that a PostgreSQL restart costs a pause,
     never a lost or duplicated task: every unit of work they retry is one transaction.
+    Gives up (DatabaseUnavailable) after give_up_after seconds, or when stop() says so.
     """
     delay, started = 0.2, time.monotonic()
     while True:
@@ -81,6 +82,8 @@ def with_retry(fn: Callable[[], T], *, what: str, give_up_after: float | None = 
             if give_up_after is not None and time.monotonic() - started > give_up_after:
                 raise DatabaseUnavailable(f"{what}: database unreachable for "
                                           f"{give_up_after:.0f} s: {str(exc).strip().splitlines()[0]}") from exc
+            if stop is not None and stop():
+                raise DatabaseUnavailable(f"{what}: database unreachable; stopping as asked") from exc
             log.warning("%s: database unavailable (%s); retrying in %.1f s", what,
                         str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, delay)
             time.sleep(delay)

@@ -111,8 +111,8 @@ class Store:
                 pass
             self._conn = None
 
-    def retrying(self, fn, *, what: str, give_up_after: float | None = None):
-        return with_retry(fn, what=what, give_up_after=give_up_after, on_retry=self._reset)
+    def retrying(self, fn, *, what: str, give_up_after: float | None = None, stop=None):
+        return with_retry(fn, what=what, give_up_after=give_up_after, on_retry=self._reset, stop=stop)
 
     def q(self, name: str, params: dict | None = None) -> psycopg.Cursor:
         return self.conn.execute(QUERIES[name], params or {})
