@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psycopg
+
 
 def _true_loop(n: int) -> None:
     for _ in range(n):
@@ -46,7 +48,14 @@ def scalebox(app_dir: Path, name: str, command: str, n: int, env: dict) -> tuple
     ok = summary["modules"]["m"]["ok"]
     if ok != n:
         sys.exit(f"{name}: {ok} of {n} tasks ok")
-    return n / summary["elapsed_seconds"], summary
+    # Steady state: from the first claim to the last commit (no start-up, no finish detection).
+    dsn = subprocess.run([sys.executable, "-m", "scalebox_hpc", "db", "url"], env=env, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    with psycopg.connect(dsn) as conn:
+        (busy,), = conn.execute(
+            "SELECT extract(epoch FROM max(e.t_completed) - min(e.t_claimed)) FROM task_exec e "
+            "JOIN tasks t ON t.id = e.task_id WHERE t.app_id = %s", (summary["id"],)).fetchall()
+    return n / summary["elapsed_seconds"], n / float(busy)
 
 
 def main() -> None:
@@ -63,11 +72,13 @@ def main() -> None:
         try:
             floor_rate = floor(n)
             print(f"floor: {n} x subprocess.run(['/bin/true']) in 2 processes: {floor_rate:,.0f} tasks/s")
-            rate, _ = scalebox(Path(tmp) / "true-app", "bench-true", "/bin/true", n, env)
+            rate, steady = scalebox(Path(tmp) / "true-app", "bench-true", "/bin/true", n, env)
             print(f"scalebox-hpc: {n} /bin/true tasks, 2 workers, embedded PostgreSQL: {rate:,.0f} tasks/s "
-                  f"end to end = {rate / floor_rate:.2f} of the floor (target >= 0.70)")
-            qrate, _ = scalebox(Path(tmp) / "noop-app", "bench-noop", "'@noop'", m, env)
-            print(f"queue: {m} no-op tasks, 2 workers: {qrate:,.0f} tasks/s (target >= 5,000)")
+                  f"end to end = {rate / floor_rate:.2f} of the floor (target >= 0.70); steady state "
+                  f"(first claim to last commit) {steady:,.0f} tasks/s = {steady / floor_rate:.2f}")
+            qrate, qsteady = scalebox(Path(tmp) / "noop-app", "bench-noop", "'@noop'", m, env)
+            print(f"queue: {m} no-op tasks, 2 workers: {qrate:,.0f} tasks/s end to end (target >= 5,000); "
+                  f"steady state {qsteady:,.0f} tasks/s")
         finally:
             # Workers leave within a second of their app finishing; let them sign off.
             time.sleep(2)

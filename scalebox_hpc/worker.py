@@ -8,6 +8,7 @@ lost, the thread kills the running program and the worker stops without committi
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -137,6 +138,9 @@ class Worker:
         except DatabaseUnavailable as exc:
             log.error("worker %s: %s", self.worker_id, exc)
             return 3
+        # Everything allocated so far lives as long as the worker: keep the garbage
+        # collector from walking it again and again in the task loop.
+        gc.freeze()
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
         log.info("worker %s: module %s (app %s) on %s, scratch %s", self.worker_id, self.module_name,
