@@ -9,7 +9,6 @@ import sys
 import time
 import traceback
 from datetime import datetime
-from pathlib import Path
 
 import click
 

@@ -9,7 +9,6 @@ lost, the thread kills the running program and the worker stops without committi
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import shutil
@@ -293,13 +292,16 @@ class Worker:
         timeout = self.mdef.get("task_max_seconds")
         self.current = (task.id, time.monotonic())
         try:
-            prog = self.runtime.run(self.program, body, json.dumps(task.headers), env=env,
+            prog = self.runtime.run(self.program, body, task.headers, env=env,
                                     cwd=workdir, timeout=float(timeout) if timeout else None,
                                     stdout=self.out, stderr=self.err)
         finally:
             self.current = None
-        record.update(t_program_start=prog.started, t_program_end=prog.ended, stdout=prog.stdout,
-                      stderr=prog.stderr, t_stageout_start=utcnow())
+        record.update(t_program_start=prog.started, t_program_end=prog.ended, t_stageout_start=prog.ended)
+        if prog.stdout:
+            record["stdout"] = prog.stdout
+        if prog.stderr:
+            record["stderr"] = prog.stderr
         code = prog.code
         try:
             names = set(os.listdir(workdir)) - {BODY_FILE}
@@ -312,7 +314,7 @@ class Worker:
         except TaskFileError as exc:
             code = CODE_TASK_FILE
             result.messages, result.semaphores, result.app_result = [], [], None
-            record["stderr"] = (record["stderr"] or "") + f"\nscalebox-hpc: {exc}\n"
+            record["stderr"] = record.get("stderr", "") + f"\nscalebox-hpc: {exc}\n"
             record["note"] = str(exc)
         record["t_stageout_end"] = utcnow()
         record["status_code"] = code

@@ -2,7 +2,6 @@
 nothing written to the database."""
 from __future__ import annotations
 
-import os
 import socket
 import stat
 

@@ -10,7 +10,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from scalebox_hpc import db

@@ -166,7 +166,7 @@ WITH c AS (
 )
 UPDATE tasks t SET status = -2, worker_id = %(worker_id)s, attempts = t.attempts + 1, claimed_at = now()
 FROM c WHERE t.id = c.id
-RETURNING t.id, t.body, t.headers, t.attempts, t.ready_at, t.claimed_at;
+RETURNING t.id, t.body, t.headers::text, t.attempts, t.ready_at, t.claimed_at;
 
 -- name: mark_running
 UPDATE tasks SET status = -3

@@ -48,7 +48,7 @@ class Message:
 class ClaimedTask:
     id: int
     body: str
-    headers: dict
+    headers: str          # JSON text, handed to the program as it is
     attempt: int
     ready_at: datetime | None
     claimed_at: datetime
@@ -66,10 +66,17 @@ class TaskResult:
     app_result: str | None = None
 
 
+_EXEC_INDEX = {c: i for i, c in enumerate(EXEC_COLUMNS)}
+_EMPTY_EXEC_ROW = [None] * len(EXEC_COLUMNS)
+_EMPTY_EXEC_ROW[_EXEC_INDEX["messages_out"]] = 0
+
+
 def _exec_row(record: dict[str, Any]) -> list:
-    record.setdefault("messages_out", 0)
-    return [Jsonb(record[c]) if c in _JSON_COLUMNS and record.get(c) is not None else record.get(c)
-            for c in EXEC_COLUMNS]
+    # On the hot path: a record holds a dozen of the columns, so fill those only.
+    row = _EMPTY_EXEC_ROW.copy()
+    for key, value in record.items():
+        row[_EXEC_INDEX[key]] = Jsonb(value) if key in _JSON_COLUMNS and value is not None else value
+    return row
 
 
 class Store:
