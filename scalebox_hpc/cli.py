@@ -139,7 +139,8 @@ def _controller_settings(ctx):
         scratch_root=os.environ.get("SCALEBOX_SCRATCH", ""),
         lease_seconds=config.env_float("SCALEBOX_LEASE_SECONDS", 30.0),
         idle_seconds=config.env_float("SCALEBOX_IDLE_SECONDS", 30.0),
-        poll_seconds=config.env_float("SCALEBOX_POLL_SECONDS", 1.0))
+        poll_seconds=config.env_float("SCALEBOX_POLL_SECONDS", 1.0),
+        sites_dir=config.sites_dir())
 
 
 def _counts(store, app_id: int) -> dict[str, dict[str, int]]:
@@ -219,17 +220,18 @@ def _start_background_controller() -> None:
 @click.argument("app_path", metavar="APP_DIR_OR_YAML", type=click.Path(exists=True))
 @click.option("-e", "--env-file", "env_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="KEY=VALUE file for ${VAR} placeholders (repeatable; later files win).")
+@click.option("--site", help="Run the modules that name no site on this site.")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Follow the app to its end (--no-wait starts a background controller if none runs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
-def run(ctx, app_path, env_files, wait, as_json, quiet):
+def run(ctx, app_path, env_files, site, wait, as_json, quiet):
     """Submit an app and run it to the end on the configured (default: embedded) database.
 
     Exit code 0 only if the app FINISHED.
     """
-    app, app_id = _submit(ctx, app_path, env_files, None)
+    app, app_id = _submit(ctx, app_path, env_files, site)
     store = _store(ctx)
     if not wait:
         if not store.controller_running():
@@ -293,7 +295,9 @@ def controller(ctx, once):
 
 
 @main.command()
-@click.option("--worker-id", type=int, required=True, help="Worker row created by the controller.")
+@click.option("--worker-ids", required=True,
+              help="Worker rows created by the controller, comma-separated: a batch job's workers "
+                   "each take theirs by array index and node.")
 @click.option("--scratch", type=click.Path(file_okay=False), help="Node-local scratch root.")
 @click.option("--lease-seconds", type=float, default=30.0, show_default=True)
 @click.option("--idle-seconds", type=float, default=30.0, show_default=True,
@@ -301,16 +305,25 @@ def controller(ctx, once):
 @click.option("--log-file", type=click.Path(dir_okay=False))
 @click.option("-v", "--verbose", count=True)
 @click.pass_context
-def worker(ctx, worker_id, scratch, lease_seconds, idle_seconds, log_file, verbose):
+@click.option("--walltime-seconds", type=float, help="The batch job's time limit (to stop claiming in time).")
+def worker(ctx, worker_ids, scratch, lease_seconds, idle_seconds, log_file, verbose, walltime_seconds):
     """Claim and run tasks of one module (started by the controller, not by hand)."""
-    from .worker import Worker, WorkerSettings
+    from .worker import Worker, WorkerSettings, pick_worker_id
 
     _setup_logging(max(verbose, 1), log_file)
+    try:
+        worker_id = pick_worker_id([int(w) for w in worker_ids.split(",")], os.environ)
+    except ValueError as exc:
+        raise ScaleboxError(f"--worker-ids {worker_ids!r}: {exc}") from None
     dsn = ctx.obj["dsn"]
     if dsn is None:
         dsn = config.resolve_database(None).dsn
     scratch = scratch or os.environ.get("TMPDIR") or "/tmp"
-    settings = WorkerSettings(scratch_root=scratch, lease_seconds=lease_seconds, idle_seconds=idle_seconds)
+    settings = WorkerSettings(scratch_root=os.path.expandvars(scratch), lease_seconds=lease_seconds,
+                              idle_seconds=idle_seconds)
+    if walltime_seconds:
+        # The job started moments ago; Slurm's USR1 before the end is the final word.
+        settings.job_end = time.time() + walltime_seconds
     sys.exit(Worker(dsn, worker_id, settings).run())
 
 

@@ -34,6 +34,17 @@ def config_path() -> Path:
     return Path(base) / "scalebox-hpc" / "config.yaml"
 
 
+def sites_dir() -> Path | None:
+    """Where site configs live: $SCALEBOX_SITES_DIR or the config file's sites_dir (must
+    exist), else ~/.config/scalebox-hpc/sites if it exists; None: the local site only."""
+    if os.environ.get("SCALEBOX_SITES_DIR"):
+        return Path(os.environ["SCALEBOX_SITES_DIR"])
+    if load_config().get("sites_dir"):
+        return Path(os.path.expanduser(load_config()["sites_dir"]))
+    default = config_path().parent / "sites"
+    return default if default.is_dir() else None
+
+
 def load_config() -> dict:
     path = config_path()
     if not path.exists():

@@ -35,6 +35,7 @@ class ControllerSettings:
     idle_seconds: float = 30.0
     poll_seconds: float = 1.0
     log_dir: str = field(default="")
+    sites_dir: str | None = None
 
     def __post_init__(self):
         self.scratch_root = self.scratch_root or os.path.join(self.state_dir, "scratch")
@@ -48,6 +49,8 @@ class Controller:
         self.sites = sites if sites is not None else make_sites(settings)
         self.active = False               # holds the controller lock
         self.recover_after = 0.0          # no lease recovery before this (monotonic)
+        self.site_load: dict[str, tuple[int, int]] = {}          # site -> (live, pending) workers
+        self.site_status: dict[str, tuple[str, str | None]] = {}  # as last written to the sites table
 
     def _connect(self) -> None:
         """(Re)connect and try to become the active controller."""
@@ -78,6 +81,7 @@ class Controller:
                 if recovered:
                     log.info("recovered %d task(s) from %d lost worker(s)", recovered, len(lost))
             self._size_pools(report)
+            self._cancel_unneeded()
             report["finished"] = self.store.finish_apps()
             for app_id in report["finished"]:
                 log.info("app %s FINISHED", app_id)
@@ -88,15 +92,36 @@ class Controller:
         return report
 
     def _notice_dead(self, report: dict) -> None:
+        """Ask each site which of its workers are gone; note what each site holds."""
+        self.site_load = {}
         for name, site in self.sites.items():
             live = [LiveWorker(*r) for r in self.store.q("live_workers", {"site": name})]
-            gone = site.dead(live)
+            gone = set(site.dead(live))
             if gone:
                 with self.store.conn.transaction():
-                    self.store.q("mark_workers_lost", {"worker_ids": gone, "message": "worker process exited"})
-                self._count_failures(gone)
+                    self.store.q("mark_workers_lost", {"worker_ids": sorted(gone),
+                                                       "message": f"worker {site.kind} job or process is gone"})
+                self._count_failures(sorted(gone))
                 report["lost"] += len(gone)
-                log.info("site %s: worker(s) %s gone", name, gone)
+                log.info("site %s: worker(s) %s gone", name, sorted(gone))
+            still = [w for w in live if w.id not in gone]
+            self.site_load[name] = (len(still), sum(w.status == "PENDING" for w in still))
+            if (site.status, site.reason) != self.site_status.get(name):
+                self.store.q("set_site_status", {"name": name, "status": site.status, "reason": site.reason})
+                self.site_status[name] = (site.status, site.reason)
+
+    def _cancel_unneeded(self) -> None:
+        """Queued worker jobs of apps that ended (or paused) are cancelled, not left to start."""
+        rows = self.store.q("stale_pending_workers").fetchall()
+        by_site: dict[str, list[LiveWorker]] = {}
+        for wid, site_name, job in rows:
+            by_site.setdefault(site_name, []).append(LiveWorker(wid, 0, "PENDING", None, None, job))
+        for site_name, workers in by_site.items():
+            site = self.sites.get(site_name)
+            if site is not None:
+                site.cancel(workers)
+            self.store.q("stop_workers", {"worker_ids": [w.id for w in workers], "status": "EXITED",
+                                          "message": "app no longer running: job cancelled before it started"})
 
     def _count_failures(self, worker_ids: list[int]) -> None:
         # A worker that vanished without saying goodbye counts as a failed one; a
@@ -128,10 +153,13 @@ class Controller:
                 if self.store.set_app_status(app_id, "FAILED", ["RUNNING"], msg):
                     report["failed"].append(app_id)
                 continue
-            n = wanted - live
+            site_live, site_pending = self.site_load.get(site_name, (0, 0))
+            n = site.admit(wanted - live, site_live, site_pending)
+            if n <= 0:
+                continue
             ids = [self.store.create_worker(module_id, site_name, site.start_timeout) for _ in range(n)]
             try:
-                site.launch(ids, {"id": module_id, "name": name, "app_id": app_id})
+                jobs = site.launch(ids, {"id": module_id, "name": name, "app_id": app_id})
             except OSError as exc:
                 msg = f"cannot start worker: {exc}"
                 with self.store.conn.transaction():
@@ -139,7 +167,16 @@ class Controller:
                 self._count_failures(ids)
                 log.error("module %s: %s", name, msg)
                 continue
-            report["started"] += n
+            with self.store.conn.transaction():
+                for wid, job in jobs.items():
+                    if job is not None:
+                        self.store.q("set_worker_job", {"worker_id": wid, "slurm_job_id": job})
+                unsent = [wid for wid in ids if wid not in jobs]
+                if unsent:   # the site refused the submission: these rows never had a chance
+                    self.store.q("stop_workers", {"worker_ids": unsent, "status": "EXITED",
+                                                  "message": f"not submitted: site {site_name} refused the job"})
+            self.site_load[site_name] = (site_live + len(jobs), site_pending + len(jobs))
+            report["started"] += len(jobs)
 
     def run(self, *, once: bool = False, stop=None) -> None:
         """Loop until ``stop()`` returns true (or once)."""

@@ -46,10 +46,30 @@ class WorkerSettings:
     max_batch: int = 500
     stdout_limit: int = 65536
     keep_failed_workdirs: int = 10
+    job_end: float | None = None      # epoch seconds the batch job's walltime runs out
+    drain_margin: float = 10.0        # seconds kept free before job_end
+
+
+def slurm_job_id(environ) -> str | None:
+    """The job id as squeue shows it: 'ARRAYJOB_INDEX' for an array element."""
+    if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+    return environ.get("SLURM_JOB_ID")
+
+
+def pick_worker_id(worker_ids: list[int], environ) -> int:
+    """A batch job carries the ids of all its workers: one per node (srun task) and per
+    array element; this process takes its own."""
+    index = int(environ.get("SLURM_ARRAY_TASK_ID") or 0) * int(environ.get("SLURM_JOB_NUM_NODES") or 1) \
+        + int(environ.get("SLURM_PROCID") or 0)
+    if index >= len(worker_ids):
+        raise ValueError(f"no worker id for index {index} in {worker_ids}")
+    return worker_ids[index]
 
 
 def _host_ip() -> tuple[str, str]:
-    host = socket.gethostname()
+    # In a Slurm job the node's name is what to_host and --nodelist speak of.
+    host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.connect(("10.255.255.255", 1))  # no packet is sent; picks the outgoing interface
@@ -65,7 +85,7 @@ class Worker:
         self.settings = settings
         self.store = Store(dsn, async_commit=True)
         self.host, self.ip = _host_ip()
-        self.slurm_job_id = os.environ.get("SLURM_JOB_ID")
+        self.slurm_job_id = slurm_job_id(os.environ)
         self.draining = threading.Event()   # finish the current task, return the rest
         self.stopped = threading.Event()    # lost or cancelled: stop now, commit nothing more
         self.stop_reason = ""
@@ -204,10 +224,14 @@ class Worker:
                         return
                     self._wait(min(5.0, s.idle_seconds))
                     continue
+            limit = self._batch_size()
+            if limit == 0:
+                self.stop_reason = "walltime: no time left for another task"
+                return
             try:
                 batch = self._db(lambda: self.store.claim(
                     worker_id=self.worker_id, module_id=self.module_id, app_id=self.app_id, host=self.host,
-                    host_bound=self.host_bound, limit=self._batch_size()), "claim tasks")
+                    host_bound=self.host_bound, limit=limit), "claim tasks")
             except DatabaseUnavailable:
                 if self.draining.is_set() or self.stopped.is_set():
                     return
@@ -236,9 +260,17 @@ class Worker:
             return []
 
     def _batch_size(self) -> int:
-        # Claim about one flush interval of work: long tasks one by one (no hoarding),
-        # short ones in batches (few round trips).
-        return max(1, min(self.max_batch, int(self.settings.flush_seconds / max(self.avg_seconds, 1e-4))))
+        """How many tasks to claim: about one flush interval of work (long tasks one by
+        one, short ones in batches), and only what fits before the job's walltime ends:
+        0 when not even one task fits."""
+        size = max(1, min(self.max_batch, int(self.settings.flush_seconds / max(self.avg_seconds, 1e-4))))
+        if self.settings.job_end is None:
+            return size
+        left = self.settings.job_end - self.settings.drain_margin - time.time()
+        longest = float(self.mdef.get("task_max_seconds") or 2 * self.avg_seconds)
+        if left < longest:
+            return 0
+        return max(1, min(size, int(left / max(self.avg_seconds, 1e-4))))
 
     def _run_batch(self, batch: list[ClaimedTask]) -> None:
         for i, task in enumerate(batch):

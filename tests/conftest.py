@@ -79,3 +79,18 @@ def sbx(sbx_env):
 def conn(dsn):
     with psycopg.connect(dsn, autocommit=True) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A real Slurm cluster (two fake nodes) for the session; yields its SLURM_CONF."""
+    base = tempfile.mkdtemp(prefix="sbx-test-slurm-")
+    up = subprocess.run(["bash", str(REPO / "tests" / "env" / "slurm-up.sh"), base, "sbxtest", "6917"],
+                        capture_output=True, text=True, timeout=900,
+                        env=dict(os.environ, SLURM_UP_CLEAN="1"))
+    assert up.returncode == 0, f"the Slurm test cluster did not start:\n{up.stderr[-3000:]}"
+    conf = os.path.join(base, "slurm.conf")
+    os.environ["SLURM_CONF"] = conf          # for the sbatch/squeue calls tests make themselves
+    yield conf
+    subprocess.run(["bash", str(REPO / "tests" / "env" / "slurm-down.sh"), base], capture_output=True)
+    os.environ.pop("SLURM_CONF", None)

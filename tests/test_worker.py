@@ -123,13 +123,13 @@ def test_worker_waits_for_a_database_that_is_down(tmp_path):
         server.stop()
         env = dict(os.environ, SCALEBOX_DSN=dsn)
         # A worker asked to stop while it waits for the database stops, and promptly.
-        other = subprocess.Popen([sys.executable, "-m", "scalebox_hpc", "worker", "--worker-id", str(other_id),
+        other = subprocess.Popen([sys.executable, "-m", "scalebox_hpc", "worker", "--worker-ids", str(other_id),
                                   "--scratch", str(tmp_path)], env=env, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
         time.sleep(2)
         other.terminate()
         assert other.wait(timeout=10) == 3
-        proc = subprocess.Popen([sys.executable, "-m", "scalebox_hpc", "worker", "--worker-id", str(worker_id),
+        proc = subprocess.Popen([sys.executable, "-m", "scalebox_hpc", "worker", "--worker-ids", str(worker_id),
                                  "--scratch", str(tmp_path), "--idle-seconds", "1"], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(3)

@@ -326,3 +326,19 @@ UPDATE tasks t SET status = x.s, worker_id = NULL,
        finished_at = CASE WHEN x.s = -1 THEN NULL ELSE now() END
 FROM unnest(%(task_ids)s::bigint[], %(statuses)s::integer[]) AS x(id, s)
 WHERE t.id = x.id;
+
+-- name: set_worker_job
+UPDATE workers SET slurm_job_id = %(slurm_job_id)s WHERE id = %(worker_id)s;
+
+-- name: stop_workers
+UPDATE workers SET status = %(status)s, message = %(message)s, stopped_at = now()
+WHERE id = ANY(%(worker_ids)s) AND status IN ('PENDING', 'RUNNING', 'DRAINING');
+
+-- name: stale_pending_workers
+-- Worker rows still waiting for their job while their app is no longer running.
+SELECT w.id, w.site, w.slurm_job_id
+FROM workers w JOIN modules m ON m.id = w.module_id JOIN apps a ON a.id = m.app_id
+WHERE w.status = 'PENDING' AND a.status <> 'RUNNING';
+
+-- name: set_site_status
+UPDATE sites SET status = %(status)s, status_reason = %(reason)s, updated_at = now() WHERE name = %(name)s;

@@ -25,18 +25,37 @@ class Site:
     kind: str
     #: how long a new worker may take to register before it is declared lost
     start_timeout: float = 60.0
+    #: OK or DEGRADED, and why
+    status: str = "OK"
+    reason: str | None = None
 
-    def launch(self, worker_ids: list[int], module: dict) -> None:
+    def admit(self, wanted: int, live: int, pending: int) -> int:
+        """How many of ``wanted`` new workers may start now, given the site's live
+        workers and those of them still waiting to start."""
+        return wanted
+
+    def launch(self, worker_ids: list[int], module: dict) -> dict[int, str | None]:
+        """Start workers for these rows; returns the batch job id (None for none) of
+        each one started. Rows left out were not started."""
         raise NotImplementedError
 
     def dead(self, workers: list[LiveWorker]) -> list[int]:
         return []
+
+    def cancel(self, workers: list[LiveWorker]) -> None:
+        """Stop workers that have not started (their app ended meanwhile)."""
 
     def close(self) -> None:
         pass
 
 
 def make_sites(settings) -> dict[str, Site]:
+    """The built-in local site plus every site config in the sites directory."""
+    from ..siteconfig import load_sites
     from .local import LocalSite
+    from .slurm import BatchSite
 
-    return {"local": LocalSite(settings)}
+    sites: dict[str, Site] = {"local": LocalSite(settings)}
+    for name, config in load_sites(settings.sites_dir).items() if settings.sites_dir else ():
+        sites[name] = BatchSite(config, settings) if config.scheduler == "slurm" else LocalSite(settings, config)
+    return sites

@@ -18,18 +18,27 @@ class LocalSite(Site):
     kind = "local"
     start_timeout = 60.0
 
-    def __init__(self, settings):
+    def __init__(self, settings, config=None):
         self.settings = settings
+        self.config = config
+        if config is not None:
+            self.name = config.name
         self.host = socket.gethostname()
         self.procs: dict[int, subprocess.Popen] = {}
         self.logdir = Path(settings.log_dir)
 
-    def launch(self, worker_ids: list[int], module: dict) -> None:
+    def admit(self, wanted: int, live: int, pending: int) -> int:
+        if self.config is None:
+            return wanted
+        return max(0, min(wanted, self.config.pool.max_workers - live))
+
+    def launch(self, worker_ids: list[int], module: dict) -> dict[int, str | None]:
         self.logdir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, SCALEBOX_DSN=self.settings.dsn)
         for wid in worker_ids:
-            argv = [sys.executable, "-m", "scalebox_hpc", "worker", "--worker-id", str(wid),
-                    "--scratch", self.settings.scratch_root,
+            scratch = self.config.scratch_root if self.config and self.config.scratch_root \
+                else self.settings.scratch_root
+            argv = [sys.executable, "-m", "scalebox_hpc", "worker", "--worker-ids", str(wid), "--scratch", scratch,
                     "--lease-seconds", str(self.settings.lease_seconds),
                     "--idle-seconds", str(self.settings.idle_seconds)]
             with open(self.logdir / f"worker-{wid}.log", "ab") as logf:
@@ -38,6 +47,7 @@ class LocalSite(Site):
                                                    stderr=subprocess.STDOUT, start_new_session=True)
             log.info("started local worker %s for module %s (pid %s)", wid, module["name"],
                      self.procs[wid].pid)
+        return dict.fromkeys(worker_ids)
 
     def dead(self, workers: list[LiveWorker]) -> list[int]:
         gone = []

@@ -1,0 +1,436 @@
+"""Load and validate site configs (SPEC section 7) and render Slurm worker job scripts.
+
+A site config is the only place that knows a site's quirks. Everything that ends up in a
+batch script is checked here, at load time, with file:line and key path in every error;
+the script itself is rendered from a Jinja2 template with every value shell-quoted, so a
+config value can never become shell code. Only ``worker_init`` lines, written by the site
+admin, are inserted verbatim.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from .appdef import _AppParser, _describe, _Entry, _Map, _parse_yaml
+from .errors import ConfigError
+
+SCHEDULERS = ("local", "slurm")
+RUNTIMES = ("host", "apptainer", "singularity")
+SSH_KEYS = ("host", "port", "user", "key", "jump", "known_hosts", "control_persist")
+WORKER_TEMPLATE = "worker.sbatch.j2"
+
+_SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Values written into '#SBATCH' lines: nothing a shell or sbatch's own parser treats specially.
+_SCRIPT_VALUE = re.compile(r"[A-Za-z0-9_.:,=+\-/@%]+")
+_SCRIPT_CHARS = "letters, digits and _.:,=+-/@%"
+_WALLTIME = re.compile(r"(?:(\d+)-)?(\d+(?::\d+){0,2})")
+
+_PACKAGE = Path(__file__).resolve().parent
+# Installed: shipped inside the package; source checkout: the project's templates/ folder.
+_TEMPLATE_DIRS = (_PACKAGE / "templates", _PACKAGE.parent / "templates")
+
+
+@dataclass
+class SlurmSettings:
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    walltime: str = "01:00:00"
+    nodes: int = 1                    # nodes per worker job; one worker per node
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    gres: str | None = None
+    gpus: str | None = None
+    extra_sbatch: list[str] = field(default_factory=list)
+    worker_init: list[str] = field(default_factory=list)   # trusted site-admin shell, verbatim
+    drain_seconds: int = 120          # --signal=B:USR1@<drain_seconds>
+    max_array_size: int | None = None  # None: read from 'scontrol show config' at run time
+    job_name_prefix: str = "sbx"
+
+
+@dataclass
+class PoolSettings:
+    min_workers: int = 0
+    max_workers: int = 16
+    max_queued_jobs: int = 8
+    max_submissions_per_minute: int = 30
+    idle_seconds: float = 60.0
+    poll_seconds: float = 5.0
+
+
+@dataclass
+class DatabaseSettings:
+    """How compute nodes reach PostgreSQL; never a password (that lives in a pgpass file)."""
+    dsn: str | None = None
+    passfile: str | None = None
+    service: str | None = None
+
+
+@dataclass
+class SiteConfig:
+    name: str
+    path: str                          # file it came from ('' for the built-in local site)
+    scheduler: str = "local"
+    runtime: str = "host"
+    image_cache: str | None = None
+    scratch_root: str | None = None    # may hold $VARS, expanded on the node at run time
+    inbox: str | None = None
+    python: str | None = None          # None: the controller's sys.executable
+    template: str | None = None        # absolute path of an override template
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    env: dict[str, str] = field(default_factory=dict)
+    ssh: dict | None = None            # stored as given; validated when remote sites arrive
+    line: int = 0
+
+
+def local_site() -> SiteConfig:
+    """The built-in site: workers are processes on this machine."""
+    return SiteConfig(name="local", path="")
+
+
+def walltime_seconds(text: str) -> int:
+    """Slurm time string (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) -> seconds.
+
+    Raises ValueError for anything else.
+    """
+    match = _WALLTIME.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"invalid time {text!r}: use MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+    days, clock = match.groups()
+    parts = [int(part) for part in clock.split(":")]
+    if days is None:
+        units = {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}[len(parts)]
+    else:
+        units = (3600, 60, 1)[:len(parts)]
+        if parts[0] >= 24:
+            raise ValueError(f"invalid time {text!r}: hours after 'D-' must be below 24")
+    if any(part >= 60 for part in parts[1:]):
+        raise ValueError(f"invalid time {text!r}: minutes and seconds must be below 60")
+    return int(days or 0) * 86400 + sum(part * unit for part, unit in zip(parts, units))
+
+
+# ---------------------------------------------------------------- loading
+
+def _known(cls) -> dict[str, str]:
+    return {f.name: f.name for f in fields(cls)}
+
+
+_TOP_KEYS = {key: key for key in _known(SiteConfig) if key not in ("path", "line")}
+
+
+class _SiteParser(_AppParser):
+    """Site config checks on top of the app parser's key, line and scalar helpers."""
+
+    def site(self, doc: Any, default_name: str, path: str) -> SiteConfig:
+        if doc is None:
+            raise self.error("the site config is empty: set at least 'scheduler'", line=1)
+        if not isinstance(doc, _Map):
+            raise self.error(f"expected a mapping of site settings, got {_describe(doc)}")
+        entries = self.collect(doc, "", _TOP_KEYS, {})
+
+        name_entry = entries.get("name")
+        name = (self.text(name_entry) or "").strip() if name_entry else default_name
+        if not _SITE_NAME.fullmatch(name):
+            raise self.error(f"invalid site name '{name}': use letters, digits, '_', '.', '-' (not first)",
+                             "name", name_entry.line if name_entry else None)
+        site = SiteConfig(name=name, path=path, line=doc.line)
+
+        for key, choices in (("scheduler", SCHEDULERS), ("runtime", RUNTIMES)):
+            if key in entries:
+                setattr(site, key, self.choice(entries[key], choices))
+        for key in ("image_cache", "scratch_root", "inbox", "python"):
+            if key in entries:
+                setattr(site, key, self.line_text(entries[key]))
+        if "template" in entries:
+            site.template = self.template(entries["template"])
+        if "env" in entries:
+            site.env = self.env(entries["env"])
+        if "ssh" in entries:
+            site.ssh = self.ssh(entries["ssh"])
+
+        if "slurm" in entries:
+            if site.scheduler != "slurm":
+                entry = entries["slurm"]
+                raise self.error(f"a 'slurm' section needs 'scheduler: slurm' (this site's scheduler "
+                                 f"is '{site.scheduler}')", entry.key, entry.line)
+            site.slurm = self.slurm(entries["slurm"])
+        if "pool" in entries:
+            site.pool = self.pool(entries["pool"])
+        if "database" in entries:
+            site.database = self.database(entries["database"])
+        return site
+
+    def section(self, entry: _Entry, cls,
+                converters: Mapping[str, Callable[[_Entry], Any]]) -> tuple[Any, dict]:
+        """Build `cls` from a section, converting each key given; also return the entries."""
+        entries = self.collect(self.mapping(entry), entry.key, _known(cls), {})
+        settings = cls()
+        for key, sub in entries.items():
+            value = converters[key](sub)
+            if value is not None:
+                setattr(settings, key, value)
+        return settings, entries
+
+    def slurm(self, entry: _Entry) -> SlurmSettings:
+        script_value = self.script_value
+        settings, entries = self.section(entry, SlurmSettings, {
+            "partition": script_value, "account": script_value, "qos": script_value,
+            "mem": script_value, "gres": script_value, "gpus": script_value,
+            "job_name_prefix": script_value,
+            "walltime": self.walltime,
+            "nodes": lambda e: self.integer(e, 1),
+            "cpus_per_task": lambda e: self.integer(e, 1),
+            "drain_seconds": lambda e: self.integer(e, 1),
+            "max_array_size": lambda e: self.integer(e, 1),
+            "extra_sbatch": self.extra_sbatch,
+            "worker_init": self.lines,
+        })
+        if settings.drain_seconds >= walltime_seconds(settings.walltime):
+            where = entries.get("drain_seconds") or entries["walltime"]
+            raise self.error(f"drain_seconds ({settings.drain_seconds}) must be less than the walltime "
+                             f"({settings.walltime}): workers get the drain signal that long before the end",
+                             where.key, where.line)
+        return settings
+
+    def pool(self, entry: _Entry) -> PoolSettings:
+        settings, entries = self.section(entry, PoolSettings, {
+            "min_workers": lambda e: self.integer(e, 0),
+            "max_workers": lambda e: self.integer(e, 1),
+            "max_queued_jobs": lambda e: self.integer(e, 1),
+            "max_submissions_per_minute": lambda e: self.integer(e, 1),
+            "idle_seconds": lambda e: self.number(e, 0),
+            "poll_seconds": lambda e: self.number(e, 0.1),
+        })
+        if settings.min_workers > settings.max_workers:
+            where = entries["min_workers"]
+            raise self.error(f"min_workers ({settings.min_workers}) is more than max_workers "
+                             f"({settings.max_workers})", where.key, where.line)
+        return settings
+
+    def database(self, entry: _Entry) -> DatabaseSettings:
+        settings, _ = self.section(entry, DatabaseSettings, {
+            "dsn": self.dsn, "passfile": self.passfile, "service": self.line_text,
+        })
+        return settings
+
+    # -- values
+
+    def choice(self, entry: _Entry, choices: Sequence[str]) -> str:
+        value = (self.text(entry) or "").strip()
+        if value not in choices:
+            raise self.error(f"unknown value '{value}' (use {' or '.join(choices)})", entry.key, entry.line)
+        return value
+
+    def line_text(self, entry: _Entry) -> str | None:
+        value = (self.text(entry) or "").strip()
+        if "\n" in value or "\r" in value:
+            raise self.error("must be a single line", entry.key, entry.line)
+        return value or None
+
+    def script_value(self, entry: _Entry) -> str | None:
+        value = self.text(entry)
+        if value is None:
+            return None
+        if not _SCRIPT_VALUE.fullmatch(value):
+            raise self.error(f"invalid value {value!r}: only {_SCRIPT_CHARS} are allowed "
+                             "(no spaces, quotes, '$', backticks or ';'; it goes into the batch script)",
+                             entry.key, entry.line)
+        return value
+
+    def walltime(self, entry: _Entry) -> str | None:
+        if entry.value is None:
+            return None
+        if isinstance(entry.value, int) and not isinstance(entry.value, bool):
+            # YAML 1.1 reads an unquoted 1:00:00 as the number 3600, which Slurm would take as minutes.
+            raise self.error(f"write the walltime in quotes, e.g. '01:00:00' or '{entry.value}' "
+                             "(unquoted, YAML reads 1:00:00 as a number)", entry.key, entry.line)
+        value = self.script_value(entry)
+        try:
+            seconds = walltime_seconds(value or "")
+        except ValueError as exc:
+            raise self.error(str(exc), entry.key, entry.line) from None
+        if seconds == 0:
+            raise self.error("the walltime must be more than zero", entry.key, entry.line)
+        return value
+
+    def lines(self, entry: _Entry) -> list[str]:
+        items = self.string_list(entry, split_commas=False)
+        for item in items:
+            if "\n" in item or "\r" in item:
+                raise self.error("give a list with one line per item (a line break was found inside one)",
+                                 entry.key, entry.line)
+        return items
+
+    def extra_sbatch(self, entry: _Entry) -> list[str]:
+        items = self.lines(entry)
+        for item in items:
+            if not item.startswith("-"):
+                raise self.error(f"invalid option {item!r}: write it as on the sbatch command line, "
+                                 "e.g. '--constraint=haswell'", entry.key, entry.line)
+        return items
+
+    def env(self, entry: _Entry) -> dict[str, str]:
+        values: dict[str, str] = {}
+        mapping = self.mapping(entry)
+        for key, value in mapping.items():
+            sub = _Entry(value, f"{entry.key}.{key}", mapping.line_of(key), str(key))
+            if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
+                raise self.error(f"invalid variable name '{key}'", sub.key, sub.line)
+            if key == "PGPASSWORD":
+                raise self.error("no passwords in site configs: use database.passfile (a 0600 pgpass file)",
+                                 sub.key, sub.line)
+            values[key] = "" if value is None else self.scalar(value, sub)
+        return values
+
+    def ssh(self, entry: _Entry) -> dict | None:
+        if entry.value is None:
+            return None
+        settings = self.mapping(entry)
+        self.collect(settings, entry.key, {key: key for key in SSH_KEYS}, {})
+        return dict(settings)
+
+    def template(self, entry: _Entry) -> str | None:
+        value = self.line_text(entry)
+        if value is None:
+            return None
+        path = self.resolve(value)
+        if not os.path.isfile(path):
+            raise self.error(f"template not found: {path}", entry.key, entry.line)
+        return path
+
+    def dsn(self, entry: _Entry) -> str | None:
+        value = self.line_text(entry)
+        if value is None:
+            return None
+        try:
+            parts = conninfo_to_dict(value)
+        except psycopg.Error:   # libpq's message may quote part of the string, which may hold a secret
+            raise self.error("cannot parse as a libpq connection string (key=value pairs or a "
+                             "postgresql:// URI)", entry.key, entry.line) from None
+        if "password" in parts:
+            raise self.error("no passwords in site configs: remove it from the dsn and put it in a pgpass "
+                             "file (mode 0600) named by database.passfile", entry.key, entry.line)
+        return value
+
+    def passfile(self, entry: _Entry) -> str | None:
+        value = self.line_text(entry)
+        if value is not None and not os.path.isabs(value):
+            raise self.error(f"'{value}' is not an absolute path: give the pgpass file's path as seen "
+                             "on the compute nodes", entry.key, entry.line)
+        return value
+
+
+def load_site(path: str | os.PathLike) -> SiteConfig:
+    """Read and validate one site config; raise ConfigError on any problem."""
+    file = os.fspath(path)
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("site config not found", file=file) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read site config: {exc}", file=file) from None
+    absolute = os.path.abspath(file)
+    parser = _SiteParser(file, os.path.dirname(absolute))
+    return parser.site(_parse_yaml(text, file), Path(file).stem, absolute)
+
+
+def load_sites(directory: str | os.PathLike) -> dict[str, SiteConfig]:
+    """Every *.yaml / *.yml site config in `directory`, by site name."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise ConfigError("sites directory not found", file=os.fspath(directory))
+    sites: dict[str, SiteConfig] = {}
+    for file in sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()):
+        site = load_site(file)
+        if site.name in sites:
+            raise ConfigError(f"site '{site.name}' is also defined in {sites[site.name].path}: "
+                              "site names must be unique", file=str(file), key="name", line=site.line)
+        sites[site.name] = site
+    return sites
+
+
+# ---------------------------------------------------------------- the worker job script
+
+def sbatch_options(site: SiteConfig, *, job_name: str, array: str | None = None,
+                   nodelist: str | None = None, log_dir: str) -> list[str]:
+    """The '#SBATCH' options for a worker job, each value shell-quoted."""
+    slurm, q = site.slurm, shlex.quote
+    log_name = "%x-%A_%a" if array else "%x-%j"
+    options = [f"--job-name={q(job_name)}"]
+    if array:
+        options.append(f"--array={q(array)}")
+    for flag, value in (("partition", slurm.partition), ("account", slurm.account), ("qos", slurm.qos)):
+        if value:
+            options.append(f"--{flag}={q(value)}")
+    options += [f"--time={q(slurm.walltime)}", f"--nodes={int(slurm.nodes)}", "--ntasks-per-node=1"]
+    if slurm.cpus_per_task:
+        options.append(f"--cpus-per-task={int(slurm.cpus_per_task)}")
+    for flag, value in (("mem", slurm.mem), ("gres", slurm.gres), ("gpus", slurm.gpus)):
+        if value:
+            options.append(f"--{flag}={q(value)}")
+    if nodelist:
+        options.append(f"--nodelist={q(nodelist)}")
+    options += [f"--output={q(os.path.join(log_dir, log_name + '.out'))}",
+                f"--error={q(os.path.join(log_dir, log_name + '.err'))}",
+                f"--signal=B:USR1@{int(slurm.drain_seconds)}",
+                *slurm.extra_sbatch]
+    # A line break would end the '#SBATCH' comment and turn the rest into shell code; sbatch
+    # reads a backslash as an escape even inside quotes, unlike the shell quoting used here.
+    for option in options:
+        if any(char in option for char in "\n\r\\"):
+            raise ValueError(f"line break or backslash in sbatch option {option!r}")
+    return options
+
+
+def _template(site: SiteConfig) -> jinja2.Template:
+    if site.template:
+        path = Path(site.template)
+    else:
+        path = next((d / WORKER_TEMPLATE for d in _TEMPLATE_DIRS if (d / WORKER_TEMPLATE).is_file()), None)
+        if path is None:
+            raise FileNotFoundError(f"{WORKER_TEMPLATE} not found in {', '.join(map(str, _TEMPLATE_DIRS))}")
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(path.parent)), undefined=jinja2.StrictUndefined,
+        autoescape=False, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+    environment.filters["q"] = shlex.quote
+    try:
+        return environment.get_template(path.name)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ConfigError(f"invalid template: {exc.message}", file=str(path), line=exc.lineno) from None
+
+
+def render_worker_script(site: SiteConfig, *, job_name: str, worker_argv: Sequence[str],
+                         env: Mapping[str, str], log_dir: str, array: str | None = None,
+                         nodelist: str | None = None) -> str:
+    """The Slurm batch script that runs one worker per node of the job.
+
+    `env` adds to (and overrides) the site's `env`; no value may be a secret.
+    """
+    if not worker_argv:
+        raise ValueError("worker_argv is empty")
+    exports = {**site.env, **env}
+    for key in exports:
+        if not _ENV_NAME.fullmatch(key):
+            raise ValueError(f"invalid environment variable name {key!r}")
+    template = _template(site)
+    try:
+        return template.render(
+            site=site, job_name=job_name, array=array, nodelist=nodelist,
+            sbatch_lines=sbatch_options(site, job_name=job_name, array=array, nodelist=nodelist,
+                                        log_dir=log_dir),
+            worker_argv=list(worker_argv), env=exports, worker_init=site.slurm.worker_init,
+            passfile=site.database.passfile, service=site.database.service, nodes=site.slurm.nodes)
+    except jinja2.TemplateError as exc:
+        raise ConfigError(f"cannot render template: {exc}", file=template.filename) from None

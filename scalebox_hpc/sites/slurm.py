@@ -1,0 +1,264 @@
+"""Slurm sites: pools of long-lived worker jobs submitted with sbatch.
+
+Two layers, as in dask-jobqueue: ``SlurmCLI`` knows Slurm's commands and output
+formats (a PBS site would add one such class), ``BatchSite`` knows pools: it renders
+worker job scripts, rate-limits submissions, marks the site degraded after repeated
+failures, and tells the controller which workers' jobs are gone, from one queue
+query per site per poll interval whatever the number of jobs.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from psycopg.conninfo import conninfo_to_dict
+
+from ..errors import ConfigError, ScaleboxError
+from ..siteconfig import render_worker_script, walltime_seconds
+from . import LiveWorker, Site
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerError(ScaleboxError):
+    """A batch system command failed."""
+
+
+class LocalRunner:
+    """Runs the scheduler's commands on this machine (a remote site runs them over SSH)."""
+
+    def __init__(self, env: dict[str, str] | None = None, timeout: float = 60.0):
+        self.env = env
+        self.timeout = timeout
+        self.calls: dict[str, int] = {}          # command -> how many times (benchmarks read it)
+
+    def __call__(self, argv: list[str], input: str | None = None) -> str:
+        self.calls[argv[0]] = self.calls.get(argv[0], 0) + 1
+        try:
+            proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=self.timeout,
+                                  env=self.env)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise SchedulerError(f"{argv[0]}: {exc}") from exc
+        if proc.returncode != 0:
+            detail = (proc.stderr or proc.stdout).strip().splitlines()
+            raise SchedulerError(f"{shlex.join(argv[:2])} failed (exit {proc.returncode}): "
+                                 f"{detail[-1] if detail else 'no output'}")
+        return proc.stdout
+
+
+@dataclass
+class Job:
+    id: str
+    name: str
+    state: str
+
+
+class SlurmCLI:
+    """Slurm through its command-line tools."""
+
+    ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING",
+              "SIGNALING", "STAGE_OUT", "REQUEUE_HOLD", "REQUEUE_FED"}
+
+    def __init__(self, runner=None):
+        self.run = runner or LocalRunner()
+
+    def submit(self, script: str) -> str:
+        out = self.run(["sbatch", "--parsable"], input=script).strip()
+        job_id = out.split(";")[0]               # "ID" or "ID;cluster"
+        if not re.fullmatch(r"\d+", job_id):
+            raise SchedulerError(f"sbatch answered {out!r}, not a job id")
+        return job_id
+
+    def jobs(self, name_prefix: str) -> dict[str, Job]:
+        """Our active jobs, array elements one by one (``-r``), in one squeue call."""
+        out = self.run(["squeue", "--me", "-h", "-r", "-o", "%i|%j|%T"])
+        found = {}
+        for line in out.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) == 3 and parts[1].startswith(name_prefix):
+                found[parts[0]] = Job(*parts)
+        return found
+
+    def cancel(self, job_ids: list[str]) -> None:
+        if job_ids:
+            self.run(["scancel", *job_ids])
+
+    def max_array_size(self) -> int:
+        out = self.run(["scontrol", "show", "config"])
+        m = re.search(r"^\s*MaxArraySize\s*=\s*(\d+)", out, re.M)
+        return int(m.group(1)) if m else 1001
+
+
+def worker_dsn(config, controller_dsn: str) -> str:
+    """The database address a site's workers use: the site's own (as seen from its
+    compute nodes), else the controller's. It goes into job scripts, so it must hold no
+    password: that belongs in a passfile or a libpq service."""
+    db = config.database
+    dsn = db.dsn or (f"service={db.service}" if db.service else controller_dsn)
+    if "password" in conninfo_to_dict(dsn):
+        raise ConfigError("the database address for this site's workers holds a password, which would "
+                          "end up in job scripts: set database.passfile or database.service in the site config",
+                          file=config.path or None, key="database")
+    return dsn
+
+
+class BatchSite(Site):
+    """A site whose workers are batch jobs. Rows for the workers exist before their job
+    does; a worker row stays PENDING while its job waits in the queue."""
+
+    kind = "slurm"
+    # Queue waits can be long: a pending job's row is not declared lost by a timer but
+    # when its job leaves the queue without the worker having started.
+    start_timeout = 30 * 86400.0
+    FAILURES_TO_DEGRADE = 3
+
+    def __init__(self, config, settings, scheduler=None):
+        self.config = config
+        self.name = config.name
+        self.settings = settings
+        self.scheduler = scheduler or SlurmCLI()
+        self.prefix = f"{config.slurm.job_name_prefix}-"
+        self.pool = config.pool
+        self.start_timeout = BatchSite.start_timeout
+        self.recent: deque[float] = deque()      # submission times in the last minute
+        self.failures = 0
+        self.retry_at = 0.0
+        self.status, self.reason = "OK", None
+        self.snapshot: dict[str, Job] | None = None
+        self.snapshot_at = 0.0
+        self.submitted_at: dict[str, float] = {}  # job id -> when sbatch returned it
+        self._max_array = config.slurm.max_array_size
+
+    # -- admission: rate limit, queue cap, degraded state ---------------------------------
+    def admit(self, wanted: int, live: int, pending: int) -> int:
+        """How many of ``wanted`` new workers may be submitted now."""
+        now = time.monotonic()
+        if self.status == "DEGRADED" and now < self.retry_at:
+            return 0
+        while self.recent and now - self.recent[0] > 60:
+            self.recent.popleft()
+        nodes = self.config.slurm.nodes
+        jobs_allowed = min(self.pool.max_submissions_per_minute - len(self.recent),
+                           self.pool.max_queued_jobs - math.ceil(pending / nodes))
+        if self.status == "DEGRADED":
+            jobs_allowed = min(jobs_allowed, 1)  # one probe submission per back-off period
+        workers = min(wanted, self.pool.max_workers - live, max(0, jobs_allowed) * nodes)
+        return max(0, workers)
+
+    def _failed(self, exc: Exception) -> None:
+        self.failures += 1
+        if self.failures >= self.FAILURES_TO_DEGRADE:
+            backoff = min(600.0, 30.0 * 2 ** (self.failures - self.FAILURES_TO_DEGRADE))
+            self.retry_at = time.monotonic() + backoff
+            if self.status != "DEGRADED":
+                log.error("site %s DEGRADED after %d failed submissions: %s", self.name, self.failures, exc)
+            self.status, self.reason = "DEGRADED", f"{self.failures} submissions failed in a row; last: {exc}"
+
+    def _succeeded(self) -> None:
+        if self.status == "DEGRADED":
+            log.info("site %s works again", self.name)
+        self.failures, self.status, self.reason = 0, "OK", None
+
+    # -- submission -----------------------------------------------------------------------
+    def max_array_size(self) -> int:
+        if self._max_array is None:
+            try:
+                self._max_array = self.scheduler.max_array_size()
+            except SchedulerError:
+                return 1001
+        return self._max_array
+
+    def worker_argv(self, worker_ids: list[int]) -> list[str]:
+        python = self.config.python or sys.executable
+        argv = [python, "-m", "scalebox_hpc", "worker", "--worker-ids", ",".join(map(str, worker_ids)),
+                "--lease-seconds", f"{self.settings.lease_seconds:g}",
+                "--idle-seconds", f"{self.pool.idle_seconds:g}",
+                "--walltime-seconds", str(walltime_seconds(self.config.slurm.walltime))]
+        if self.config.scratch_root:
+            argv += ["--scratch", self.config.scratch_root]
+        return argv
+
+    def worker_env(self) -> dict[str, str]:
+        return {**self.config.env, "SCALEBOX_DSN": worker_dsn(self.config, self.settings.dsn)}
+
+    def launch(self, worker_ids: list[int], module: dict) -> dict[int, str]:
+        """Submit jobs for these worker rows (arrays when many, split at MaxArraySize).
+
+        Returns the Slurm job id of each worker submitted; rows missing from it were
+        not submitted (the controller releases them)."""
+        os.makedirs(self.settings.log_dir, exist_ok=True)   # Slurm writes job output there
+        nodes = self.config.slurm.nodes
+        per_job = [worker_ids[i:i + nodes] for i in range(0, len(worker_ids), nodes)]
+        chunk = max(1, self.max_array_size())
+        jobs: dict[int, str] = {}
+        for start in range(0, len(per_job), chunk):
+            group = per_job[start:start + chunk]
+            ids = [w for job in group for w in job]
+            array = f"0-{len(group) - 1}" if len(group) > 1 else None
+            script = render_worker_script(
+                self.config, job_name=f"{self.prefix}{module['app_id']}-{module['name']}",
+                worker_argv=self.worker_argv(ids), env=self.worker_env(),
+                log_dir=self.settings.log_dir, array=array)
+            try:
+                job_id = self.scheduler.submit(script)
+            except SchedulerError as exc:
+                self._failed(exc)
+                log.error("site %s: submission for module %s failed: %s", self.name, module["name"], exc)
+                break
+            self._succeeded()
+            now = time.monotonic()
+            self.recent.append(now)
+            for index, job in enumerate(group):
+                element = f"{job_id}_{index}" if array else job_id
+                self.submitted_at[element] = now
+                for wid in job:
+                    jobs[wid] = element
+            log.info("site %s: submitted job %s%s for %d worker(s) of module %s", self.name, job_id,
+                     f" (array {array})" if array else "", len(ids), module["name"])
+        return jobs
+
+    # -- watching ---------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """One squeue per poll interval, whatever the number of jobs."""
+        now = time.monotonic()
+        if self.snapshot is not None and now - self.snapshot_at < self.pool.poll_seconds:
+            return
+        try:
+            self.snapshot = self.scheduler.jobs(self.prefix)
+            self.snapshot_at = now
+        except SchedulerError as exc:
+            log.warning("site %s: cannot list jobs: %s", self.name, exc)
+            self.snapshot = None   # nothing known: nobody is declared dead on a guess
+
+    def dead(self, workers: list[LiveWorker]) -> list[int]:
+        self.refresh()
+        if self.snapshot is None:
+            return []
+        gone = []
+        for w in workers:
+            job = w.slurm_job_id
+            if not job:
+                continue
+            # A job submitted after the snapshot was taken is not in it yet.
+            if self.submitted_at.get(job, 0.0) >= self.snapshot_at:
+                continue
+            if job not in self.snapshot and job.split("_")[0] not in self.snapshot:
+                gone.append(w.id)
+        for job in [j for j, t in self.submitted_at.items() if j not in self.snapshot and t < self.snapshot_at]:
+            del self.submitted_at[job]
+        return gone
+
+    def cancel(self, workers: list[LiveWorker]) -> None:
+        jobs = sorted({w.slurm_job_id for w in workers if w.slurm_job_id})
+        try:
+            self.scheduler.cancel(jobs)
+        except SchedulerError as exc:
+            log.warning("site %s: scancel failed: %s", self.name, exc)

@@ -1,0 +1,144 @@
+"""Apps on a real Slurm cluster (munge + slurmctld + two slurmd fake nodes, started by
+tests/env/slurm-up.sh): worker jobs through sbatch, lost jobs, walltime drains, the
+submission rate limit and the degraded state."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import EXAMPLES
+from test_faults import N_WORK, ROUTING_APP, assert_routed_once, held_worker, query, wait_for
+
+
+def write_site(sites_dir, name="testcluster", *, walltime="00:10:00", drain=60, partition="main",
+               max_workers=4, per_minute=30, queued=8):
+    sites_dir.mkdir(exist_ok=True)
+    (sites_dir / f"{name}.yaml").write_text(f"""
+name: {name}
+scheduler: slurm
+scratch_root: /tmp
+slurm:
+  partition: {partition}
+  walltime: "{walltime}"
+  drain_seconds: {drain}
+  job_name_prefix: sbxt
+pool:
+  max_workers: {max_workers}
+  max_queued_jobs: {queued}
+  max_submissions_per_minute: {per_minute}
+  poll_seconds: 1
+  idle_seconds: 3
+""")
+
+
+@pytest.fixture
+def slurm_env(sbx_env, slurm, tmp_path):
+    env = dict(sbx_env, SCALEBOX_SITES_DIR=str(tmp_path / "sites"), SLURM_CONF=slurm)
+    return env
+
+
+def cli(env, *args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "scalebox_hpc", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start(env, *args):
+    return subprocess.Popen([sys.executable, "-m", "scalebox_hpc", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_app_primes_runs_in_slurm_jobs_on_two_nodes(slurm_env, dsn, tmp_path):
+    write_site(tmp_path / "sites")
+    proc = cli(dict(slurm_env, PRIMES_MAX="20000", RANGE_SIZE="500", GATHER_DIR=str(tmp_path)),
+               "run", "--json", "--site", "testcluster", EXAMPLES / "app-primes")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "FINISHED" and summary["result"] == "2262"
+    rows = query(dsn, "SELECT DISTINCT w.host, w.slurm_job_id IS NOT NULL FROM task_exec e "
+                      "JOIN workers w ON w.id = e.worker_id JOIN tasks t ON t.id = e.task_id "
+                      "JOIN modules m ON m.id = t.module_id WHERE m.name = 'calc'")
+    assert {host for host, _ in rows} == {"n1", "n2"}, rows
+    assert all(has_job for _, has_job in rows)
+
+
+def test_cancelled_worker_job_loses_nothing(slurm_env, dsn, tmp_path):
+    write_site(tmp_path / "sites")
+    proc = start(dict(slurm_env, WORK_SECONDS="1"), "run", "--json", "--site", "testcluster", ROUTING_APP)
+    app_id = wait_for(lambda: (query(dsn, "SELECT max(id) FROM apps") or [[None]])[0][0], what="app")
+    worker_id, _pid = wait_for(lambda: held_worker(dsn, app_id), timeout=120, what="a running task")
+    (job,), = query(dsn, "SELECT slurm_job_id FROM workers WHERE id = %s", worker_id)
+    subprocess.run(["scancel", "--signal=KILL", "--full", job], env=slurm_env, check=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert_routed_once(dsn, app_id)
+    (lost,), = query(dsn, "SELECT count(*) FROM task_exec WHERE worker_id = %s AND status_code = 123", worker_id)
+    assert lost >= 1
+    (status,), = query(dsn, "SELECT status FROM workers WHERE id = %s", worker_id)
+    assert status == "LOST"
+
+
+def test_walltime_drain_loses_no_attempt(slurm_env, dsn, tmp_path):
+    """Jobs of one minute, tasks of 20 s: workers stop claiming what will not fit,
+    hand back unstarted tasks for free, and new jobs take over until the app is done."""
+    write_site(tmp_path / "sites", walltime="1", drain=30, max_workers=2)
+    n = 8
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "code").mkdir()
+    (app / "code" / "work.sh").write_text("#!/bin/bash\nsleep 20\n")
+    (app / "code" / "work.sh").chmod(0o755)
+    (app / "bodies.txt").write_text("".join(f"t{i}\n" for i in range(n)))
+    (app / "app.yaml").write_text("name: walltime\nmodules:\n  w:\n    base_image: host\n    code_path: ./code\n"
+                                  "    command: ./work.sh\n    start_task: FILE:bodies.txt\n    slots: 2\n"
+                                  "    task_max_seconds: 25\n")
+    proc = cli(slurm_env, "run", "--json", "--site", "testcluster", app, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    app_id = json.loads(proc.stdout)["id"]
+    codes = query(dsn, "SELECT e.status_code, count(*) FROM task_exec e JOIN tasks t ON t.id = e.task_id "
+                       "WHERE t.app_id = %s GROUP BY 1", app_id)
+    assert codes == [(0, n)], f"attempts lost to the walltime: {codes}"
+    jobs = query(dsn, "SELECT count(DISTINCT slurm_job_id) FROM workers")[0][0]
+    assert jobs > 2, "the drained pool was not replaced"
+    drained = query(dsn, "SELECT count(*) FROM workers WHERE message LIKE 'walltime%%' "
+                         "OR message LIKE 'drained on SIGUSR1%%'")[0][0]
+    assert drained >= 1
+
+
+def test_rate_limit_and_degraded_site(slurm_env, dsn, tmp_path):
+    write_site(tmp_path / "sites", name="slow", per_minute=2, max_workers=6)
+    write_site(tmp_path / "sites", name="broken", partition="later")
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "app.yaml").write_text(
+        "name: limits\nmodules:\n"
+        "  a:\n    base_image: host\n    command: /bin/sleep\n    start_task: FILE:bodies.txt\n"
+        "    slots: 6\n    site: slow\n"
+        "  b:\n    base_image: host\n    command: /bin/true\n    start_task: x\n    site: broken\n")
+    (app / "bodies.txt").write_text("".join(f"{5 + i}\n" for i in range(6)))
+    ctl = start(slurm_env, "-v", "controller")
+    try:
+        sub = cli(slurm_env, "submit", "--json", app)
+        assert sub.returncode == 0, sub.stderr
+        app_id = json.loads(sub.stdout)["id"]
+        time.sleep(12)
+        jobs = query(dsn, "SELECT count(DISTINCT slurm_job_id) FROM workers WHERE site = 'slow'")[0][0]
+        assert jobs == 2, f"{jobs} jobs submitted in the first minute; the limit is 2"
+        sites = {s["name"]: s for s in json.loads(cli(slurm_env, "site", "list", "--json").stdout)}
+        assert sites["broken"]["status"] == "DEGRADED"
+        assert "later" in sites["broken"]["reason"]
+        # The site works again once its partition exists: it recovers by itself.
+        subprocess.run(["scontrol", "create", "partitionname=later", "nodes=n[1-2]", "state=up"],
+                       env=slurm_env, check=True)
+        wait_for(lambda: json.loads(cli(slurm_env, "site", "list", "--json").stdout)[0]["status"] == "OK"
+                 and query(dsn, "SELECT status FROM tasks t JOIN modules m ON m.id = t.module_id "
+                                "WHERE m.name = 'b'")[0][0] == 0, timeout=240, interval=2, what="recovery")
+        wait_for(lambda: query(dsn, "SELECT status FROM apps WHERE id = %s", app_id)[0][0] == "FINISHED",
+                 timeout=240, interval=1, what="app FINISHED")
+    finally:
+        ctl.terminate()
+        ctl.wait(timeout=30)
+        subprocess.run(["scontrol", "delete", "partitionname=later"], env=slurm_env)
