@@ -115,7 +115,7 @@ def _submit(ctx, path: str, env_files: tuple[str, ...], site: str | None) -> tup
     if site:
         app.site = site
     app_json = app.to_json()
-    known_sites = set(make_sites(_controller_settings(ctx)))
+    known_sites = make_sites(_controller_settings(ctx))
     modules = []
     for name, mod in app.modules.items():
         mod_json = app_json["modules"][name]
@@ -123,6 +123,9 @@ def _submit(ctx, path: str, env_files: tuple[str, ...], site: str | None) -> tup
         if mod_json["site"] not in known_sites:
             raise ScaleboxError(f"{app.path}: modules.{name}: unknown site '{mod_json['site']}' "
                                 f"(known: {', '.join(sorted(known_sites))})")
+        problem = known_sites[mod_json["site"]].unfit(mod_json)
+        if problem:
+            raise ScaleboxError(f"{app.path}: modules.{name}: {problem}")
         modules.append(mod_json)
     start = [(name, body) for name, mod in app.modules.items() for body in mod.start_tasks]
     store = _store(ctx)
@@ -308,7 +311,7 @@ def controller(ctx, once):
 @click.option("--walltime-seconds", type=float, help="The batch job's time limit (to stop claiming in time).")
 def worker(ctx, worker_ids, scratch, lease_seconds, idle_seconds, log_file, verbose, walltime_seconds):
     """Claim and run tasks of one module (started by the controller, not by hand)."""
-    from .worker import Worker, WorkerSettings, pick_worker_id
+    from .worker import Worker, WorkerSettings, job_end_time, pick_worker_id
 
     _setup_logging(max(verbose, 1), log_file)
     try:
@@ -321,9 +324,7 @@ def worker(ctx, worker_ids, scratch, lease_seconds, idle_seconds, log_file, verb
     scratch = scratch or os.environ.get("TMPDIR") or "/tmp"
     settings = WorkerSettings(scratch_root=os.path.expandvars(scratch), lease_seconds=lease_seconds,
                               idle_seconds=idle_seconds)
-    if walltime_seconds:
-        # The job started moments ago; Slurm's USR1 before the end is the final word.
-        settings.job_end = time.time() + walltime_seconds
+    settings.job_end = job_end_time(os.environ, walltime_seconds)
     sys.exit(Worker(dsn, worker_id, settings).run())
 
 
@@ -552,13 +553,71 @@ def site():
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def site_list(ctx, as_json):
+    """Configured sites, with the status the controller last reported for each."""
+    from .sites import make_sites
+
     store = _store(ctx)
-    rows = [dict(zip(("name", "kind", "status", "reason", "updated_at"), r)) for r in store.q("list_sites")]
+    reported = {r[0]: dict(zip(("name", "kind", "status", "reason", "updated_at"), r))
+                for r in store.q("list_sites")}
+    rows = []
+    for name, site in make_sites(_controller_settings(ctx)).items():
+        row = reported.pop(name, None) or {"name": name, "kind": site.kind, "status": "UNKNOWN",
+                                           "reason": "no controller has reported on it yet", "updated_at": None}
+        row["config"] = getattr(getattr(site, "config", None), "path", "") or None
+        rows.append(row)
+    for row in reported.values():          # reported once, no longer configured here
+        rows.append(dict(row, config=None))
+    rows.sort(key=lambda r: r["name"])
     if as_json:
         return emit_json(rows)
     from .progress import table
-    table(["site", "kind", "status", "reason"], [[r["name"], r["kind"], r["status"], r["reason"] or ""]
-                                                 for r in rows])
+    table(["site", "kind", "status", "reason", "config"],
+          [[r["name"], r["kind"], r["status"], r["reason"] or "", r["config"] or ""] for r in rows])
+
+
+@site.command("check")
+@click.argument("name")
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help="Seconds to wait for the probe job (queue wait included).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def site_check(ctx, name, timeout, as_json):
+    """Check that SITE can run workers: Slurm answers, the partition exists, and a probe
+    job built like a worker job reaches the database and writes to scratch on a node."""
+    from . import sitecheck
+    from .sites import make_sites
+
+    settings = _controller_settings(ctx)
+    sites = make_sites(settings)
+    if name not in sites:
+        raise NotFound(f"unknown site '{name}' (known: {', '.join(sorted(sites))}; site configs are read "
+                       f"from {settings.sites_dir or 'no directory: set SCALEBOX_SITES_DIR'})")
+    site_obj = sites[name]
+    say = (lambda text: None) if as_json else (lambda text: click.echo(text, err=True))
+    if site_obj.kind == "slurm":
+        checks = sitecheck.check_batch(site_obj, settings.dsn, timeout=timeout, progress=say)
+    else:
+        checks = sitecheck.check_local(site_obj, settings.dsn)
+    ok = all(c.ok for c in checks)
+    if as_json:
+        emit_json({"site": name, "ok": ok, "checks": sitecheck.as_json(checks)})
+    else:
+        from .progress import table
+        table(["check", "result", "detail"], [[c.name, "ok" if c.ok else "FAILED", c.detail] for c in checks])
+        click.echo(f"site {name}: {'ready' if ok else 'NOT ready'}")
+    sys.exit(0 if ok else 1)
+
+
+@site.command("probe", hidden=True)
+@click.option("--channel", required=True)
+@click.option("--scratch", required=True)
+def site_probe(channel, scratch):
+    """Run by the probe job of 'site check' on a compute node."""
+    from . import sitecheck
+
+    if not os.environ.get("SCALEBOX_DSN"):
+        raise ScaleboxError("site probe: SCALEBOX_DSN is not set (the probe job script sets it)")
+    sys.exit(sitecheck.probe(os.environ["SCALEBOX_DSN"], channel, scratch))
 
 
 @main.group(name="db")

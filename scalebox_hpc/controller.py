@@ -172,9 +172,10 @@ class Controller:
                     if job is not None:
                         self.store.q("set_worker_job", {"worker_id": wid, "slurm_job_id": job})
                 unsent = [wid for wid in ids if wid not in jobs]
-                if unsent:   # the site refused the submission: these rows never had a chance
+                if unsent:   # refused, or over the site's sbatch budget: these rows never had a chance
                     self.store.q("stop_workers", {"worker_ids": unsent, "status": "EXITED",
-                                                  "message": f"not submitted: site {site_name} refused the job"})
+                                                  "message": f"not submitted to site {site_name} "
+                                                             f"({site.refusal})"})
             self.site_load[site_name] = (site_live + len(jobs), site_pending + len(jobs))
             report["started"] += len(jobs)
 

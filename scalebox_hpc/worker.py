@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .db.store import ClaimedTask, Message, Store, TaskResult
+from .db.store import LOST_CODE, ClaimedTask, Message, Store, TaskResult
 from .errors import DatabaseUnavailable, TaskFileError
 from .runtime import OutputBuffer, ProgramResult, runtime_for, utcnow
 from . import taskfiles
@@ -27,6 +27,7 @@ from . import taskfiles
 log = logging.getLogger(__name__)
 
 # System error codes (SPEC section 5: -100..-111).
+DRAIN_MARGIN = 10.0           # seconds a worker keeps free before its job's end, to leave
 CODE_TASK_FILE = -101        # a file the program left in WORK_DIR is malformed
 CODE_NO_DESTINATION = -102   # output messages with no sink module and no main_router
 CODE_WORKDIR = -103          # WORK_DIR could not be made
@@ -47,7 +48,7 @@ class WorkerSettings:
     stdout_limit: int = 65536
     keep_failed_workdirs: int = 10
     job_end: float | None = None      # epoch seconds the batch job's walltime runs out
-    drain_margin: float = 10.0        # seconds kept free before job_end
+    drain_margin: float = DRAIN_MARGIN  # seconds kept free before job_end
 
 
 def slurm_job_id(environ) -> str | None:
@@ -65,6 +66,22 @@ def pick_worker_id(worker_ids: list[int], environ) -> int:
     if index >= len(worker_ids):
         raise ValueError(f"no worker id for index {index} in {worker_ids}")
     return worker_ids[index]
+
+
+def job_end_time(environ, walltime_seconds: float | None) -> float | None:
+    """When the batch job's walltime runs out (epoch seconds), or None outside a job.
+
+    Slurm 23.02 and later tell it (SLURM_JOB_END_TIME); older ones give the job's start
+    (SLURM_JOB_START_TIME, else now, as the worker starts with its job) to which the
+    time limit the job was submitted with is added. Slurm's USR1 before the end stays
+    the final word either way."""
+    end = environ.get("SLURM_JOB_END_TIME")
+    if end and end.isdigit():
+        return float(end)
+    if not walltime_seconds:
+        return None
+    start = environ.get("SLURM_JOB_START_TIME")
+    return (float(start) if start and start.isdigit() else time.time()) + walltime_seconds
 
 
 def _host_ip() -> tuple[str, str]:
@@ -89,11 +106,13 @@ class Worker:
         self.draining = threading.Event()   # finish the current task, return the rest
         self.stopped = threading.Event()    # lost or cancelled: stop now, commit nothing more
         self.stop_reason = ""
+        self.terminated = False
         self.current: tuple[int, float] | None = None   # (task id, monotonic start) while a program runs
         self.pending: list[TaskResult] = []
         self.pending_since = 0.0
         self.failed_workdirs = 0
         self.avg_seconds = 1.0
+        self.longest_seconds = 0.0
         # How long to keep trying an unreachable database before giving up.
         self.patience = max(60.0, 10 * settings.lease_seconds)
 
@@ -209,6 +228,8 @@ class Worker:
     def _on_signal(self, signum, _frame) -> None:
         log.info("worker %s: %s received, draining", self.worker_id, signal.Signals(signum).name)
         self.stop_reason = f"drained on {signal.Signals(signum).name}"
+        if signum != signal.SIGUSR1:
+            self.terminated = True      # the batch system stops the job: its programs too
         self.draining.set()
 
     def _loop(self) -> None:
@@ -267,9 +288,14 @@ class Worker:
         if self.settings.job_end is None:
             return size
         left = self.settings.job_end - self.settings.drain_margin - time.time()
-        longest = float(self.mdef.get("task_max_seconds") or 2 * self.avg_seconds)
-        if left < longest:
+        # A task is claimed only if its task_max_seconds fits; without one, if 1.5 times
+        # the longest task seen so far fits (nothing seen yet: one is tried).
+        limit = self.mdef.get("task_max_seconds")
+        expect = float(limit) if limit else 1.5 * self.longest_seconds
+        if left <= 0 or left < expect:
             return 0
+        if not self.longest_seconds:
+            return 1
         return max(1, min(size, int(left / max(self.avg_seconds, 1e-4))))
 
     def _run_batch(self, batch: list[ClaimedTask]) -> None:
@@ -284,7 +310,9 @@ class Worker:
                 return
             t0 = time.monotonic()
             result = self._run_task(task)
-            self.avg_seconds = 0.8 * self.avg_seconds + 0.2 * (time.monotonic() - t0)
+            took = time.monotonic() - t0
+            self.avg_seconds = 0.8 * self.avg_seconds + 0.2 * took
+            self.longest_seconds = max(self.longest_seconds, took)
             if self.stopped.is_set():
                 return      # lost or cancelled while it ran: the result must not count
             if not self.pending:
@@ -341,6 +369,17 @@ class Worker:
             names = set()
         if body_file is not None:
             body_file.unlink(missing_ok=True)
+        if code != 0 and self.terminated and not prog.timed_out:
+            # scancel, preemption or the walltime signalled the whole job, the program
+            # with it: the attempt was lost to the job's end, not failed, and is retried
+            # (code 123) like one whose worker vanished.
+            note = f"interrupted: the worker's batch job was stopped (program exit code {code})"
+            record["stderr"] = record.get("stderr", "") + f"\nscalebox-hpc: {note}\n"
+            record["note"] = note
+            record["status_code"] = result.code = LOST_CODE
+            record["t_stageout_end"] = utcnow()
+            self._cleanup(workdir, LOST_CODE, task, names)
+            return result
         try:
             code = self._collect(workdir, names, code, result)
         except TaskFileError as exc:

@@ -100,3 +100,15 @@ def test_schema_missing_says_what_to_do(sbx, pg):
         c.execute("CREATE DATABASE empty_db")
     proc = sbx("app", "list", env={"SCALEBOX_DSN": psycopg.conninfo.make_conninfo(pg.dsn, dbname="empty_db")})
     assert proc.returncode == 1 and "scalebox-hpc db upgrade" in proc.stderr
+
+
+def test_task_longer_than_the_site_walltime(sbx, conn, tmp_path):
+    """A module whose task_max_seconds cannot fit in a worker job of the site would
+    leave its pool submitting jobs that exit at once: refused at submit."""
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    (sites / "short.yaml").write_text("name: short\nscheduler: slurm\nslurm:\n  partition: main\n  walltime: '5'\n")
+    path = write_app(tmp_path, "name: x\nmodules:\n  a:\n" + GOOD_MODULE + "    task_max_seconds: 600\n"
+                                "    site: short\n")
+    proc = sbx("submit", path, env={"SCALEBOX_SITES_DIR": str(sites)})
+    assert_clean_failure(proc, conn, "modules.a", "task_max_seconds 600", "site short", "short.yaml")

@@ -98,6 +98,31 @@ def private_pg():
     server.stop(mode="immediate")
 
 
+def children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as fh:
+        return [int(c) for c in fh.read().split()]
+
+
+def test_job_stop_signals_worker_and_program(sbx_env, dsn):
+    """What scancel or a preemption does: SIGTERM to the worker and to its program. The
+    interrupted attempt is recorded as lost (123, with a note) and retried; nothing else fails."""
+    proc = subprocess.Popen([sys.executable, "-m", "scalebox_hpc", "run", "--json", str(ROUTING_APP)],
+                            env=dict(sbx_env, WORK_SECONDS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    app_id = wait_for(lambda: (query(dsn, "SELECT max(id) FROM apps") or [[None]])[0][0], what="app")
+    worker_id, pid = wait_for(lambda: held_worker(dsn, app_id), what="a running task")
+    program = wait_for(lambda: children(pid), what="the worker's program")
+    os.kill(pid, signal.SIGTERM)
+    for child in program:
+        os.kill(child, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert_routed_once(dsn, app_id)
+    rows = query(dsn, "SELECT status_code, note FROM task_exec WHERE worker_id = %s AND status_code <> 0", worker_id)
+    assert len(rows) == 1 and rows[0][0] == 123 and rows[0][1].startswith("interrupted"), rows
+    (status, message), = query(dsn, "SELECT status, message FROM workers WHERE id = %s", worker_id)
+    assert status == "EXITED" and message == "drained on SIGTERM"
+
+
 def test_controller_and_postgres_restart_mid_run(sbx_env, private_pg, tmp_path):
     server, dsn = private_pg
     env = dict(sbx_env, SCALEBOX_DSN=dsn, WORK_SECONDS="0.4")

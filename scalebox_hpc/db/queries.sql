@@ -342,3 +342,11 @@ WHERE w.status = 'PENDING' AND a.status <> 'RUNNING';
 
 -- name: set_site_status
 UPDATE sites SET status = %(status)s, status_reason = %(reason)s, updated_at = now() WHERE name = %(name)s;
+
+-- name: probe_report
+-- 'scalebox-hpc site probe', run in a job on a compute node, reports to 'site check'.
+SELECT pg_notify(%(channel)s, %(payload)s);
+
+-- name: probe_listen
+-- The channel is made by 'site check' from a random hex token: safe to splice in.
+LISTEN {channel};

@@ -287,8 +287,8 @@ class Store:
                         rules: Sequence[tuple[str, int]]) -> dict[int, int]:
         """Status each attempt leaves its task in: its code, or READY (-1) to retry."""
         statuses = {r.task_id: r.code for r in results}
-        failed = [r for r in results if r.code != 0]
-        if failed and rules:
+        failed = [r for r in results if r.code != 0 and should_retry(rules, r.code, 1)]
+        if failed:
             counts: dict[tuple[int, int], int] = {}
             for task_id, code, n in self.q("exec_counts", {"task_ids": [r.task_id for r in failed]}):
                 counts[(task_id, code)] = n

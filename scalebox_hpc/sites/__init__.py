@@ -28,11 +28,17 @@ class Site:
     #: OK or DEGRADED, and why
     status: str = "OK"
     reason: str | None = None
+    #: why the last launch() left some rows out
+    refusal: str | None = None
 
     def admit(self, wanted: int, live: int, pending: int) -> int:
         """How many of ``wanted`` new workers may start now, given the site's live
         workers and those of them still waiting to start."""
         return wanted
+
+    def unfit(self, module: dict) -> str | None:
+        """Why this module's tasks could never run here, or None."""
+        return None
 
     def launch(self, worker_ids: list[int], module: dict) -> dict[int, str | None]:
         """Start workers for these rows; returns the batch job id (None for none) of

@@ -23,6 +23,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from ..errors import ConfigError, ScaleboxError
 from ..siteconfig import render_worker_script, walltime_seconds
+from ..worker import DRAIN_MARGIN
 from . import LiveWorker, Site
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,21 @@ class SlurmCLI:
         if job_ids:
             self.run(["scancel", *job_ids])
 
+    def partition(self, name: str | None) -> str:
+        """A partition's state and nodes ('UP, nodes n[1-2]'); None: the default one.
+        Raises SchedulerError when it does not exist or is not up."""
+        out = self.run(["scontrol", "show", "-o", "partition", *([name] if name else [])])
+        for line in out.splitlines():
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            if (name and fields.get("PartitionName") == name) or (not name and fields.get("Default") == "YES"):
+                state = fields.get("State", "?")
+                summary = f"{fields.get('PartitionName')} {state}, nodes {fields.get('Nodes', '?')}, " \
+                          f"time limit {fields.get('MaxTime', '?')}"
+                if state != "UP":
+                    raise SchedulerError(f"partition {summary}: not UP")
+                return summary
+        raise SchedulerError(f"partition {name or '(default)'} not found")
+
     def max_array_size(self) -> int:
         out = self.run(["scontrol", "show", "config"])
         m = re.search(r"^\s*MaxArraySize\s*=\s*(\d+)", out, re.M)
@@ -137,21 +153,41 @@ class BatchSite(Site):
         self.submitted_at: dict[str, float] = {}  # job id -> when sbatch returned it
         self._max_array = config.slurm.max_array_size
 
+    def unfit(self, module: dict) -> str | None:
+        # Workers claim a task only if its task_max_seconds fits in what is left of the
+        # walltime: one that never fits would leave the module submitting jobs that
+        # exit at once.
+        limit = module.get("task_max_seconds")
+        walltime = walltime_seconds(self.config.slurm.walltime)
+        if limit and float(limit) + DRAIN_MARGIN > walltime:
+            return (f"task_max_seconds {limit} does not fit in the walltime of site {self.name} "
+                    f"({self.config.slurm.walltime}, of which {DRAIN_MARGIN:g} s are kept for the worker "
+                    f"to leave): raise slurm.walltime in {self.config.path or 'the site config'} "
+                    f"or lower task_max_seconds")
+        return None
+
     # -- admission: rate limit, queue cap, degraded state ---------------------------------
     def admit(self, wanted: int, live: int, pending: int) -> int:
-        """How many of ``wanted`` new workers may be submitted now."""
+        """How many of ``wanted`` new workers may be submitted now: within max_workers,
+        within max_queued_jobs (pending jobs, array elements counted one by one, as
+        Slurm's own limits count them), and only if an sbatch call is left this minute
+        (launch() then spends the calls, an array being one)."""
+        if self._submissions_left() == 0:
+            return 0
+        nodes = self.config.slurm.nodes
+        jobs_allowed = self.pool.max_queued_jobs - math.ceil(pending / nodes)
+        return max(0, min(wanted, self.pool.max_workers - live, max(0, jobs_allowed) * nodes))
+
+    def _submissions_left(self) -> int:
+        """sbatch calls allowed now: the per-minute rate, and a single probe per back-off
+        period while DEGRADED."""
         now = time.monotonic()
         if self.status == "DEGRADED" and now < self.retry_at:
             return 0
         while self.recent and now - self.recent[0] > 60:
             self.recent.popleft()
-        nodes = self.config.slurm.nodes
-        jobs_allowed = min(self.pool.max_submissions_per_minute - len(self.recent),
-                           self.pool.max_queued_jobs - math.ceil(pending / nodes))
-        if self.status == "DEGRADED":
-            jobs_allowed = min(jobs_allowed, 1)  # one probe submission per back-off period
-        workers = min(wanted, self.pool.max_workers - live, max(0, jobs_allowed) * nodes)
-        return max(0, workers)
+        left = max(0, self.pool.max_submissions_per_minute - len(self.recent))
+        return min(left, 1) if self.status == "DEGRADED" else left
 
     def _failed(self, exc: Exception) -> None:
         self.failures += 1
@@ -200,6 +236,9 @@ class BatchSite(Site):
         chunk = max(1, self.max_array_size())
         jobs: dict[int, str] = {}
         for start in range(0, len(per_job), chunk):
+            if self._submissions_left() == 0:
+                self.refusal = "sbatch calls for this minute spent (pool.max_submissions_per_minute)"
+                break
             group = per_job[start:start + chunk]
             ids = [w for job in group for w in job]
             array = f"0-{len(group) - 1}" if len(group) > 1 else None
@@ -207,15 +246,20 @@ class BatchSite(Site):
                 self.config, job_name=f"{self.prefix}{module['app_id']}-{module['name']}",
                 worker_argv=self.worker_argv(ids), env=self.worker_env(),
                 log_dir=self.settings.log_dir, array=array)
+            self.recent.append(time.monotonic())   # failed calls load slurmctld as much
             try:
                 job_id = self.scheduler.submit(script)
             except SchedulerError as exc:
+                where = ", ".join(f"{k} '{v}'" for k, v in (("partition", self.config.slurm.partition),
+                                                             ("account", self.config.slurm.account),
+                                                             ("qos", self.config.slurm.qos)) if v)
+                exc = SchedulerError(f"{exc}{f' ({where})' if where else ''}")
                 self._failed(exc)
+                self.refusal = str(exc)
                 log.error("site %s: submission for module %s failed: %s", self.name, module["name"], exc)
                 break
             self._succeeded()
             now = time.monotonic()
-            self.recent.append(now)
             for index, job in enumerate(group):
                 element = f"{job_id}_{index}" if array else job_id
                 self.submitted_at[element] = now

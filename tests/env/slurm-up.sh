@@ -6,7 +6,7 @@
 # - Installs slurm-wlm and munge from Debian if they are missing (needs root).
 # - Starts munged if none answers (one munged serves every cluster on the machine).
 # - Writes DIR/slurm.conf: slurmctld on 127.0.0.1:PORT_BASE, fake nodes n1/n2 (slurmd on
-#   PORT_BASE+11 / PORT_BASE+12, CPUs=2 RealMemory=2000 each), partitions `main` (default) and
+#   PORT_BASE+11 / PORT_BASE+12, CPUs=2 RealMemory=2000 each by default), partitions `main` (default) and
 #   `short`, every state/spool/pid/log path under DIR.
 # - Starts slurmctld and `slurmd -N n1`, `slurmd -N n2` (PID files under DIR/run), waits until both
 #   nodes are up (idle, or busy with recovered jobs), then prints `export SLURM_CONF=DIR/slurm.conf`
@@ -21,6 +21,8 @@
 #   SLURM_UP_CLEAN=1           wipe DIR/state, DIR/spool and DIR/log before starting
 #   SLURM_UP_TIMEOUT=60        seconds to wait for both nodes to come up
 #   SLURM_UP_SCHED_PARAMS=...  override SchedulerParameters
+#   SLURM_UP_CPUS=2            CPUs each fake node claims (more than the machine has is fine:
+#                              benchmarks use it to run many one-CPU worker jobs at once)
 set -euo pipefail
 
 usage() { echo "usage: $0 DIR [CLUSTER_NAME] [PORT_BASE]" >&2; exit 2; }
@@ -35,6 +37,8 @@ DIR=$(cd "$1" && pwd -P)
 CLUSTER=$(printf '%s' "${2:-sbxtest}" | tr '[:upper:]' '[:lower:]')
 PORT_BASE=${3:-6817}
 TIMEOUT=${SLURM_UP_TIMEOUT:-60}
+CPUS=${SLURM_UP_CPUS:-2}
+[[ "$CPUS" =~ ^[1-9][0-9]*$ ]] || die "SLURM_UP_CPUS must be a positive integer, not '$CPUS'"
 NODES=(n1 n2)
 CONF="$DIR/slurm.conf"
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
@@ -154,7 +158,7 @@ MessageTimeout=10
 EOF
   i=1
   for n in "${NODES[@]}"; do
-    echo "NodeName=$n NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((PORT_BASE + 10 + i)) CPUs=2 RealMemory=2000 State=UNKNOWN"
+    echo "NodeName=$n NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((PORT_BASE + 10 + i)) CPUs=$CPUS RealMemory=$((1000 * CPUS)) State=UNKNOWN"
     i=$((i + 1))
   done
   echo "PartitionName=main Nodes=n[1-${#NODES[@]}] Default=YES State=UP MaxTime=INFINITE"
