@@ -88,10 +88,15 @@ pool:
 """)
     app_dir = Path(tmp, "app")
     app_dir.mkdir()
-    (app_dir / "bodies.txt").write_text("".join(f"{seconds:g}\n" for _ in range(TASKS_PER_WORKER * workers)))
+    # Distinct bodies (a repeated body would run once): sleep times a hair apart.
+    (app_dir / "bodies.txt").write_text("".join(f"{seconds + i / 10000:.4f}\n"
+                                                for i in range(TASKS_PER_WORKER * workers)))
+    (app_dir / "code").mkdir()
+    (app_dir / "code" / "nap.sh").write_text('#!/bin/sh\nexec sleep "$1"\n')
+    (app_dir / "code" / "nap.sh").chmod(0o755)
     (app_dir / "app.yaml").write_text(
-        f"name: bench-slurm\nmodules:\n  m:\n    base_image: host\n    command: /bin/sleep\n"
-        f"    start_task: FILE:bodies.txt\n    slots: {workers}\n    repeatable: yes\n    site: bench\n")
+        f"name: bench-slurm\nmodules:\n  m:\n    base_image: host\n    code_path: ./code\n    command: ./nap.sh\n"
+        f"    start_task: FILE:bodies.txt\n    slots: {workers}\n    site: bench\n")
     settings = ControllerSettings(dsn=dsn, state_dir=tmp, lease_seconds=30, idle_seconds=5,
                                   poll_seconds=1.0)
     runner = LocalRunner()
@@ -105,7 +110,7 @@ pool:
     t_submit = time.time()
     app_id = store.create_app(app_json, modules, [(n, b) for n, m in app.modules.items() for b in m.start_tasks])
 
-    first_running = all_running = None
+    all_running = None
     steps = 0
     window = None            # (time, squeue calls, steps) when W workers run
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -115,17 +120,21 @@ pool:
             running, (status,) = conn.execute(
                 "SELECT count(*) FROM workers WHERE status = 'RUNNING' AND site = 'bench'").fetchone()[0], \
                 conn.execute("SELECT status FROM apps WHERE id = %s", (app_id,)).fetchone()
-            if first_running is None and conn.execute(
-                    "SELECT count(*) FROM tasks WHERE status IN (-3, 0)").fetchone()[0]:
-                first_running = time.time()
             if all_running is None and running >= workers:
                 all_running = time.time()
                 window = (time.monotonic(), runner.calls.get("squeue", 0), steps)
             if status != "RUNNING":
                 break
             time.sleep(max(0.0, settings.poll_seconds - 0.05))
+        ok, total = conn.execute("SELECT count(*) FILTER (WHERE status = 0), count(*) FROM tasks").fetchone()
+        print(f"{ok} of {total} tasks ok, app {status} {time.time() - t_submit:.1f} s after submit")
+        if ok != total:
+            sys.exit("tasks failed: the figures would mean nothing")
         if window is None:
             sys.exit(f"never had {workers} workers running at once")
+        # The first program start, as the worker recorded it (same clock: one machine).
+        (first_running,), = conn.execute("SELECT extract(epoch FROM min(t_program_start)) FROM task_exec")
+        first_running = float(first_running)
     elapsed = time.monotonic() - window[0]
     squeue = runner.calls.get("squeue", 0) - window[1]
     cycles = elapsed / POLL_SECONDS

@@ -116,10 +116,12 @@ def test_rate_limit_and_degraded_site(slurm_env, dsn, tmp_path):
     write_site(tmp_path / "sites", name="slow", per_minute=2, max_workers=6, max_array=2)
     write_site(tmp_path / "sites", name="broken", partition="later")
     app = tmp_path / "app"
-    app.mkdir()
+    (app / "code").mkdir(parents=True)
+    (app / "code" / "nap.sh").write_text('#!/bin/sh\nexec sleep "$1"\n')
+    (app / "code" / "nap.sh").chmod(0o755)
     (app / "app.yaml").write_text(
         "name: limits\nmodules:\n"
-        "  a:\n    base_image: host\n    command: /bin/sleep\n    start_task: FILE:bodies.txt\n"
+        "  a:\n    base_image: host\n    code_path: ./code\n    command: ./nap.sh\n    start_task: FILE:bodies.txt\n"
         "    slots: 6\n    site: slow\n"
         "  b:\n    base_image: host\n    command: /bin/true\n    start_task: x\n    site: broken\n")
     (app / "bodies.txt").write_text("".join(f"{5 + i}\n" for i in range(6)))
@@ -146,6 +148,7 @@ def test_rate_limit_and_degraded_site(slurm_env, dsn, tmp_path):
                                 "WHERE m.name = 'b'")[0][0] == 0, timeout=240, interval=2, what="recovery")
         wait_for(lambda: query(dsn, "SELECT status FROM apps WHERE id = %s", app_id)[0][0] == "FINISHED",
                  timeout=240, interval=1, what="app FINISHED")
+        assert query(dsn, "SELECT status, count(*) FROM tasks WHERE app_id = %s GROUP BY 1", app_id) == [(0, 7)]
     finally:
         ctl.terminate()
         ctl.wait(timeout=30)
