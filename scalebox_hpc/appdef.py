@@ -45,6 +45,9 @@ class ModuleDef:
     task_dist_mode: str = "DEFAULT"
     environments: dict[str, str] = field(default_factory=dict)
     volumes: list[str] = field(default_factory=list)
+    container_mode: str = "exec"           # exec: one 'apptainer exec' per task; instance: one instance per worker
+    free_space_gb: float | None = None     # claim only with this much free on scratch
+    dir_quota_gb: float | None = None      # claim only while DATA_DIR holds less than this
     site: str | None = None
     task_batch_size: int | None = None
     idle_seconds: float | None = None
@@ -282,6 +285,7 @@ _MODULE_PARAMETER_KEYS: dict[str, str | None] = {
     "start_message": "start_tasks", "start_task": "start_tasks", "retry_rules": "retry_rules",
     "task_max_seconds": "task_max_seconds", "task_timeout_seconds": "task_max_seconds",
     "slots": "slots", "task_dist_mode": "task_dist_mode", "task_batch_size": "task_batch_size",
+    "free_space_gb": "free_space_gb", "dir_quota_gb": "dir_quota_gb",
 }
 _MODULE_VARIABLE_KEYS: dict[str, str | None] = {"repeatable": None}
 
@@ -499,6 +503,9 @@ class _AppParser:
             "task_dist_mode": self.dist_mode,
             "environments": self.environments,
             "volumes": self.volumes,
+            "container_mode": self.container_mode,
+            "free_space_gb": lambda e: self.number(e, 0),
+            "dir_quota_gb": lambda e: self.number(e, 0),
             "site": self.text,
             "task_batch_size": lambda e: self.integer(e, 1),
             "idle_seconds": lambda e: self.number(e, 0),
@@ -612,6 +619,12 @@ class _AppParser:
             if not _ENV_NAME.fullmatch(name):
                 raise self.error(f"invalid variable name '{name}'", entry.key, entry.line)
         return dict(pairs)
+
+    def container_mode(self, entry: _Entry) -> str:
+        value = (self.text(entry) or "exec").strip()
+        if value not in ("exec", "instance"):
+            raise self.error(f"unknown container_mode '{value}' (use exec or instance)", entry.key, entry.line)
+        return value
 
     def volumes(self, entry: _Entry) -> list[str]:
         value = entry.value

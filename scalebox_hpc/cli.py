@@ -309,7 +309,11 @@ def controller(ctx, once):
 @click.option("-v", "--verbose", count=True)
 @click.pass_context
 @click.option("--walltime-seconds", type=float, help="The batch job's time limit (to stop claiming in time).")
-def worker(ctx, worker_ids, scratch, lease_seconds, idle_seconds, log_file, verbose, walltime_seconds):
+@click.option("--runtime", type=click.Choice(["apptainer", "singularity", "host"]),
+              help="Container runtime for modules with an image (default: whichever is on PATH).")
+@click.option("--image-cache", help="Directory for pulled images (default: under the scratch root).")
+def worker(ctx, worker_ids, scratch, lease_seconds, idle_seconds, log_file, verbose, walltime_seconds,
+           runtime, image_cache):
     """Claim and run tasks of one module (started by the controller, not by hand)."""
     from .worker import Worker, WorkerSettings, job_end_time, pick_worker_id
 
@@ -323,7 +327,9 @@ def worker(ctx, worker_ids, scratch, lease_seconds, idle_seconds, log_file, verb
         dsn = config.resolve_database(None).dsn
     scratch = scratch or os.environ.get("TMPDIR") or "/tmp"
     settings = WorkerSettings(scratch_root=os.path.expandvars(scratch), lease_seconds=lease_seconds,
-                              idle_seconds=idle_seconds)
+                              idle_seconds=idle_seconds, runtime=runtime or os.environ.get("SCALEBOX_RUNTIME"),
+                              image_cache=image_cache or os.environ.get("SCALEBOX_IMAGE_CACHE"),
+                              pull_timeout=config.env_float("SCALEBOX_PULL_TIMEOUT", 900.0))
     settings.job_end = job_end_time(os.environ, walltime_seconds)
     sys.exit(Worker(dsn, worker_id, settings).run())
 

@@ -80,6 +80,17 @@ class Runtime:
     def command(self, program: str, body: str, headers_json: str) -> list[str]:
         return [program, body, headers_json]
 
+    def spawn(self, program: str, body: str, headers_json: str, env: dict[str, str],
+              cwd: str) -> tuple[str, list[str], dict[str, str]]:
+        """What to start for this task: executable, argv, environment."""
+        return program, self.command(program, body, headers_json), env
+
+    def prepare(self) -> None:
+        """Get ready before the first task (containers: pull the image, start an instance)."""
+
+    def close(self) -> None:
+        """Release what prepare() made (the worker is leaving)."""
+
     def run(self, program: str, body: str, headers_json: str, *, env: dict[str, str], cwd: str,
             timeout: float | None, stdout: OutputBuffer, stderr: OutputBuffer,
             on_start=None) -> ProgramResult:
@@ -106,15 +117,16 @@ class HostRuntime(Runtime):
         os.chdir(cwd)   # posix_spawn has no cwd argument: the child inherits ours
         try:
             # Body and headers travel as argv elements: no shell ever sees them.
-            pid = os.posix_spawn(program, self.command(program, body, headers_json), env,
+            executable, argv, env = self.spawn(program, body, headers_json, env, cwd)
+            pid = os.posix_spawn(executable, argv, env,
                                  file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                                                (os.POSIX_SPAWN_DUP2, stdout.fd, 1),
                                                (os.POSIX_SPAWN_DUP2, stderr.fd, 2)],
                                  setsid=True)
         except OSError as exc:
             # Same codes a shell gives for a program it cannot find or run.
-            stderr.write(f"scalebox-hpc: cannot start {program}: {exc.strerror}\n")
-            return ProgramResult(126 if os.path.exists(program) else 127, started, utcnow(),
+            stderr.write(f"scalebox-hpc: cannot start {executable}: {exc.strerror}\n")
+            return ProgramResult(126 if os.path.exists(executable) else 127, started, utcnow(),
                                  stdout.text(), stderr.text())
         self._pid = pid
         if on_start:
@@ -178,11 +190,12 @@ class BuiltinRuntime(Runtime):
         pass
 
 
-def runtime_for(program: str | None, base_image: str) -> Runtime:
+def runtime_for(program: str | None, base_image: str, **container) -> Runtime:
+    """The runtime for a module: builtin, host, or a container (``container`` holds the
+    ContainerRuntime settings the worker knows: binary, workdir, data_dir, ...)."""
     if program and program.startswith("@"):
         return BuiltinRuntime()
     if base_image in ("host", "", None):
         return HostRuntime()
-    from .errors import ConfigError
-    raise ConfigError(f"container images need a site with an Apptainer/Singularity runtime; "
-                      f"this site runs base_image 'host' only (got {base_image!r})", key="base_image")
+    from .containers import ContainerRuntime
+    return ContainerRuntime(image=base_image, **container)

@@ -81,7 +81,7 @@ class SiteConfig:
     name: str
     path: str                          # file it came from ('' for the built-in local site)
     scheduler: str = "local"
-    runtime: str = "host"
+    runtime: str | None = None         # None: apptainer or singularity, whichever the node has
     image_cache: str | None = None
     scratch_root: str | None = None    # may hold $VARS, expanded on the node at run time
     inbox: str | None = None

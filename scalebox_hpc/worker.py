@@ -31,8 +31,17 @@ DRAIN_MARGIN = 10.0           # seconds a worker keeps free before its job's end
 CODE_TASK_FILE = -101        # a file the program left in WORK_DIR is malformed
 CODE_NO_DESTINATION = -102   # output messages with no sink module and no main_router
 CODE_WORKDIR = -103          # WORK_DIR could not be made
+CODE_IMAGE = -104            # the container image cannot be found, pulled or started
+CODE_SCRATCH_FULL = -105     # node-local scratch ran out of space
+MIN_FREE_BYTES = 16 << 20    # below this, scratch counts as full
+# Variables a container gets (it starts from a clean environment), besides 'environments'.
+TASK_VARIABLES = {"WORK_DIR", "DATA_DIR", "APP_ID", "MODULE_NAME", "MODULE_ID", "TASK_ID", "ATTEMPT", "SITE",
+                  "LOCAL_HOST", "LOCAL_IP", "SLURM_JOB_ID", "SCALEBOX_BODY_FILE"}
 
 SINK_FILES = ("sink-tasks.txt", "messages.txt")
+# What a program leaves in WORK_DIR to talk to scalebox-hpc, as opposed to its data.
+CONTROL_FILES = {*SINK_FILES, "task-exec.json", "timestamps.txt", "input-files.txt", "output-files.txt",
+                 "auxout.txt", "app-result.txt", "semaphores.txt"}
 # Linux caps one argv string at 32 pages (MAX_ARG_STRLEN): bigger bodies travel in a file.
 MAX_ARG_BYTES = 128 * 1024 - 1
 BODY_FILE = ".scalebox-body"
@@ -49,6 +58,9 @@ class WorkerSettings:
     keep_failed_workdirs: int = 10
     job_end: float | None = None      # epoch seconds the batch job's walltime runs out
     drain_margin: float = DRAIN_MARGIN  # seconds kept free before job_end
+    runtime: str | None = None        # the site's container binary: apptainer, singularity, host; None: any on PATH
+    image_cache: str | None = None    # where pulled images go (default: under scratch_root)
+    pull_timeout: float = 900.0
 
 
 def slurm_job_id(environ) -> str | None:
@@ -66,6 +78,25 @@ def pick_worker_id(worker_ids: list[int], environ) -> int:
     if index >= len(worker_ids):
         raise ValueError(f"no worker id for index {index} in {worker_ids}")
     return worker_ids[index]
+
+
+def _free_bytes(path: str) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _tree_bytes(path: str) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def job_end_time(environ, walltime_seconds: float | None) -> float | None:
@@ -126,7 +157,6 @@ class Worker:
         self.modules = {name: mid for mid, name, *_ in self.store.q("app_modules", {"app_id": self.app_id})}
         self.main_router = appdef.get("main_router")
         self.program = mdef.get("command")
-        self.runtime = runtime_for(self.program, mdef.get("base_image", "host"))
         limit = int(mdef.get("stdout_limit") or self.settings.stdout_limit)
         self.out = OutputBuffer("stdout", limit)
         self.err = OutputBuffer("stderr", limit)
@@ -137,17 +167,57 @@ class Worker:
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.workdir = str(self.scratch / "work")
         self.workdir_ready = os.path.isdir(self.workdir) and not os.listdir(self.workdir)
+        # Files a task hands to the next module on the same node (with a to_host header)
+        # live here: per app and node, shared by the app's workers there, outliving tasks.
+        self.data_dir = Path(self.settings.scratch_root) / "scalebox-data" / f"app-{self.app_id}"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.runtime = self._make_runtime(mdef)
+        self.runtime_error: tuple[float, str] | None = None     # (when, why) prepare() last failed
+        self.space_checked = (0.0, None)
         self.base_env = dict(os.environ)
         self.base_env.pop("SCALEBOX_DSN", None)   # the program has no business with the database
         self.base_env.update({
             "APP_ID": str(self.app_id), "MODULE_NAME": self.module_name, "MODULE_ID": str(self.module_id),
-            "SITE": self.site, "LOCAL_HOST": self.host, "LOCAL_IP": self.ip,
+            "SITE": self.site, "LOCAL_HOST": self.host, "LOCAL_IP": self.ip, "DATA_DIR": str(self.data_dir),
             **{k: str(v) for k, v in (mdef.get("environments") or {}).items()}})
+
+    def _make_runtime(self, mdef: dict):
+        s = self.settings
+        image = mdef.get("base_image", "host")
+        if image in ("host", "", None) or (self.program or "").startswith("@"):
+            return runtime_for(self.program, image)
+        from .containers import find_runtime
+        return runtime_for(
+            self.program, image, binary=find_runtime(s.runtime), mode=mdef.get("container_mode") or "exec",
+            code_path=mdef.get("code_path"), workdir=self.workdir, data_dir=str(self.data_dir),
+            volumes=list(mdef.get("volumes") or []),
+            cache_dir=os.path.expandvars(s.image_cache or os.path.join(s.scratch_root, "scalebox-images")),
+            name=f"sbx-{self.host}-{self.worker_id}", pull_timeout=s.pull_timeout,
+            variables=TASK_VARIABLES | set(mdef.get("environments") or {}))
+
+    def _prepare_runtime(self) -> str | None:
+        """Pull the image / start the instance, once; why it failed, or None. After a
+        failure the tasks fail fast for a minute before the next try."""
+        from .containers import ImageError
+        if self.runtime_error and time.monotonic() - self.runtime_error[0] < 60:
+            return self.runtime_error[1]
+        try:
+            self.runtime.prepare()
+            self.runtime_error = None
+            return None
+        except (ImageError, OSError) as exc:
+            log.error("worker %s: %s", self.worker_id, exc)
+            self.runtime_error = (time.monotonic(), str(exc))
+            return str(exc)
 
     def _hook(self, name: str) -> ProgramResult | None:
         path = self.mdef.get(name)
         if not path:
             return None
+        problem = self._prepare_runtime()
+        if problem:
+            now = utcnow()
+            return ProgramResult(CODE_IMAGE, now, now, "", f"scalebox-hpc: {problem}\n")
         return self.runtime.run(path, "", "{}", env=self.base_env, cwd=str(self.scratch), timeout=600,
                                 stdout=self.out, stderr=self.err)
 
@@ -220,8 +290,12 @@ class Worker:
             log.error("worker %s: %s", self.worker_id, exc)
         finally:
             self.stopped.set()
+            self.runtime.close()
             if not self.failed_workdirs:
                 shutil.rmtree(self.scratch, ignore_errors=True)
+            if self.stop_reason.startswith("app is ") and self.stop_reason[7:] in ("FINISHED", "CANCELLED", "FAILED"):
+                # The app is over: its node-local data is of no more use to anyone.
+                shutil.rmtree(self.data_dir, ignore_errors=True)
             log.info("worker %s stopped: %s (%s)", self.worker_id, status, self.stop_reason or "done")
         return 0 if status == "EXITED" else 1
 
@@ -245,6 +319,16 @@ class Worker:
                         return
                     self._wait(min(5.0, s.idle_seconds))
                     continue
+            problem = self._space_problem()
+            if problem:
+                # Claiming now would only fail tasks: wait for space (other tasks of the
+                # app finishing, the next module consuming DATA_DIR), then give up.
+                self._flush()
+                if time.monotonic() - idle_since > s.idle_seconds:
+                    self.stop_reason = problem
+                    return
+                self._wait(min(5.0, s.idle_seconds))
+                continue
             limit = self._batch_size()
             if limit == 0:
                 self.stop_reason = "walltime: no time left for another task"
@@ -264,8 +348,9 @@ class Worker:
                     self.stop_reason = f"idle for {s.idle_seconds:g} s"
                     return
                 payloads = self._wait(min(2.0, s.idle_seconds - idle))
-                if any(p in ("FINISHED", "CANCELLED", "FAILED", "PAUSED") for p in payloads):
-                    self.stop_reason = "app is no longer running"
+                ended = [p for p in payloads if p in ("FINISHED", "CANCELLED", "FAILED", "PAUSED")]
+                if ended:
+                    self.stop_reason = f"app is {ended[-1]}"
                     return
                 continue
             self._run_batch(batch)
@@ -338,8 +423,16 @@ class Worker:
         try:
             workdir = self._workdir()
         except OSError as exc:
-            record.update(status_code=CODE_WORKDIR, note=f"cannot create WORK_DIR: {exc}")
-            result.code = CODE_WORKDIR
+            full = self._scratch_full()
+            code = CODE_SCRATCH_FULL if full else CODE_WORKDIR
+            record.update(status_code=code, note=f"cannot create WORK_DIR: {exc}" + (f" ({full})" if full else ""))
+            result.code = code
+            return result
+        problem = self._prepare_runtime()
+        if problem:
+            record.update(status_code=CODE_IMAGE, note=problem, stderr=f"scalebox-hpc: {problem}\n",
+                          t_stageout_end=utcnow())
+            result.code = CODE_IMAGE
             return result
         env = dict(self.base_env, WORK_DIR=workdir, TASK_ID=str(task.id), ATTEMPT=str(task.attempt))
         body, body_file = task.body, None
@@ -373,13 +466,12 @@ class Worker:
             # scancel, preemption or the walltime signalled the whole job, the program
             # with it: the attempt was lost to the job's end, not failed, and is retried
             # (code 123) like one whose worker vanished.
-            note = f"interrupted: the worker's batch job was stopped (program exit code {code})"
-            record["stderr"] = record.get("stderr", "") + f"\nscalebox-hpc: {note}\n"
-            record["note"] = note
-            record["status_code"] = result.code = LOST_CODE
-            record["t_stageout_end"] = utcnow()
-            self._cleanup(workdir, LOST_CODE, task, names)
-            return result
+            return self._system_failure(result, LOST_CODE, "interrupted: the worker's batch job was stopped "
+                                        f"(program exit code {code})", workdir, task, names)
+        full = self._scratch_full() if code != 0 and not prog.timed_out else None
+        if full:
+            return self._system_failure(result, CODE_SCRATCH_FULL, f"{full} (program exit code {code})",
+                                        workdir, task, names)
         try:
             code = self._collect(workdir, names, code, result)
         except TaskFileError as exc:
@@ -387,9 +479,26 @@ class Worker:
             result.messages, result.semaphores, result.app_result = [], [], None
             record["stderr"] = record.get("stderr", "") + f"\nscalebox-hpc: {exc}\n"
             record["note"] = str(exc)
+        if record.get("output_files") is None and names - CONTROL_FILES:
+            # The program said nothing of its output: record the files it left in WORK_DIR.
+            left = sorted(names - CONTROL_FILES)
+            record["output_files"] = left
+            if record.get("output_bytes") is None:
+                record["output_bytes"] = taskfiles.sum_file_sizes(left, workdir)
         record["t_stageout_end"] = utcnow()
         record["status_code"] = code
         result.code = code
+        self._cleanup(workdir, code, task, names)
+        return result
+
+    def _system_failure(self, result: TaskResult, code: int, note: str, workdir: str, task: ClaimedTask,
+                        names: set[str]) -> TaskResult:
+        """End an attempt with a system code: nothing it left in WORK_DIR is applied."""
+        record = result.record
+        record["stderr"] = record.get("stderr", "") + f"\nscalebox-hpc: {note}\n"
+        record["note"] = note
+        record["status_code"] = result.code = code
+        record["t_stageout_end"] = utcnow()
         self._cleanup(workdir, code, task, names)
         return result
 
@@ -458,6 +567,34 @@ class Worker:
                                    {**origin, **msg.headers}, created=now, from_task_id=task_id))
         return out
 
+    def _space_problem(self) -> str | None:
+        """Why not to claim now: scratch below the module's free_space_gb, or DATA_DIR
+        above its dir_quota_gb (measured at most every 10 s)."""
+        free_gb, quota_gb = self.mdef.get("free_space_gb"), self.mdef.get("dir_quota_gb")
+        if not free_gb and not quota_gb:
+            return None
+        now = time.monotonic()
+        if now - self.space_checked[0] < 10:
+            return self.space_checked[1]
+        problem = None
+        free = _free_bytes(self.settings.scratch_root)
+        if free_gb and free is not None and free < float(free_gb) * (1 << 30):
+            problem = (f"scratch full: {free / (1 << 30):.2f} GB free in {self.settings.scratch_root} on "
+                       f"{self.host}, free_space_gb is {free_gb}")
+        elif quota_gb:
+            used = _tree_bytes(str(self.data_dir))
+            if used > float(quota_gb) * (1 << 30):
+                problem = (f"DATA_DIR over quota: {used / (1 << 30):.2f} GB in {self.data_dir} on {self.host}, "
+                           f"dir_quota_gb is {quota_gb}")
+        self.space_checked = (now, problem)
+        return problem
+
+    def _scratch_full(self) -> str | None:
+        free = _free_bytes(self.settings.scratch_root)
+        if free is not None and free < MIN_FREE_BYTES:
+            return f"node-local scratch full: {free >> 10} KiB free in {self.settings.scratch_root} on {self.host}"
+        return None
+
     def _workdir(self) -> str:
         """The task's WORK_DIR: empty, on node-local scratch. A directory the previous
         task left empty is handed on as it is (an empty directory is as fresh as a new
@@ -471,7 +608,8 @@ class Worker:
         if not names:
             return
         self.workdir_ready = False
-        if code != 0 and self.failed_workdirs < self.settings.keep_failed_workdirs:
+        # Kept for inspection when it failed, unless keeping it would fill the scratch further.
+        if code not in (0, CODE_SCRATCH_FULL) and self.failed_workdirs < self.settings.keep_failed_workdirs:
             self.failed_workdirs += 1
             kept = self.scratch / f"failed-task-{task.id}-{task.attempt}"
             os.rename(workdir, kept)

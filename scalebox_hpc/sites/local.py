@@ -41,6 +41,10 @@ class LocalSite(Site):
             argv = [sys.executable, "-m", "scalebox_hpc", "worker", "--worker-ids", str(wid), "--scratch", scratch,
                     "--lease-seconds", str(self.settings.lease_seconds),
                     "--idle-seconds", str(self.settings.idle_seconds)]
+            if self.config is not None and self.config.runtime:
+                argv += ["--runtime", self.config.runtime]
+            if self.config is not None and self.config.image_cache:
+                argv += ["--image-cache", self.config.image_cache]
             with open(self.logdir / f"worker-{wid}.log", "ab") as logf:
                 # A session of its own: workers outlive a controller restart or a Ctrl-C.
                 self.procs[wid] = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=logf,

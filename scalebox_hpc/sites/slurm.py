@@ -220,6 +220,10 @@ class BatchSite(Site):
                 "--walltime-seconds", str(walltime_seconds(self.config.slurm.walltime))]
         if self.config.scratch_root:
             argv += ["--scratch", self.config.scratch_root]
+        if self.config.runtime:
+            argv += ["--runtime", self.config.runtime]
+        if self.config.image_cache:
+            argv += ["--image-cache", self.config.image_cache]
         return argv
 
     def worker_env(self) -> dict[str, str]:

@@ -1,0 +1,243 @@
+"""Module programs inside Apptainer/Singularity containers.
+
+The site chooses the runtime binary (`apptainer` or `singularity`); the module chooses
+the image (a .sif file, a sandbox directory, or a docker:// / oras:// / library:// URI
+pulled once per site into the image cache) and the mode:
+
+- ``exec``: one `apptainer exec` per task;
+- ``instance``: one `apptainer instance start` per worker, then `exec instance://NAME`
+  per task (no image mount per task: much faster for short tasks), stopped when the
+  worker leaves.
+
+Commands are built with spython's client (its command layer, pointed at the site's
+binary); they are started like host programs (posix_spawn, pidfd timeouts, captured
+output), and pulls and instance starts run with time limits, so a registry that does
+not answer fails the task rather than hanging the worker.
+
+Inside the container: WORK_DIR is bound at /work (the working directory), code_path at
+/app/bin (read-only), DATA_DIR at its own path, and the module's volumes. The
+environment is clean (--cleanenv) plus exactly the task's variables.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+
+from .errors import ScaleboxError
+from .runtime import HostRuntime
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("apptainer", "singularity")
+MODES = ("exec", "instance")
+CODE_IMAGE = -104            # the image cannot be found, pulled or started
+REMOTE_IMAGE = re.compile(r"^(docker|oras|library|shub|https?)://")
+CONTAINER_WORK = "/work"
+CONTAINER_CODE = "/app/bin"
+# Variables the runtime binary itself needs from the worker's environment.
+PASS_THROUGH = ("PATH", "HOME", "USER", "LOGNAME", "TMPDIR", "LANG", "XDG_RUNTIME_DIR")
+
+
+class ImageError(ScaleboxError):
+    """The module's image cannot be used on this node."""
+
+
+def find_runtime(wanted: str | None) -> str | None:
+    """Path of the container binary: the site's choice, else whichever is on PATH."""
+    if wanted == "host":
+        return None
+    for name in ([wanted] if wanted else RUNTIMES):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def spython_client(binary: str):
+    """spython's client, building commands for this binary (spython itself assumes
+    'singularity' is on PATH)."""
+    from spython.main import get_client
+
+    client = get_client(quiet=True)
+
+    def init_command(action, flags=None):
+        return [binary, *(flags or []), *(action if isinstance(action, list) else [action])]
+
+    client._init_command = init_command
+    return client
+
+
+def cache_name(uri: str) -> str:
+    """File name of a pulled image in the cache: readable, one per URI."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", uri.split("://", 1)[1]).strip("_") + ".sif"
+
+
+def pull_image(binary: str, uri: str, cache_dir: str, *, timeout: float) -> str:
+    """The local .sif for a registry image, pulled once per cache (site): concurrent
+    workers wait for the one pulling. Raises ImageError with the runtime's reason."""
+    os.makedirs(cache_dir, exist_ok=True)
+    final = os.path.join(cache_dir, cache_name(uri))
+    if os.path.exists(final):
+        return final
+    deadline = time.monotonic() + timeout
+    with open(final + ".lock", "w") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ImageError(f"timed out after {timeout:g} s waiting for another worker pulling {uri}")
+                time.sleep(1.0)
+        if os.path.exists(final):
+            return final
+        partial = f"{final}.part-{os.getpid()}"
+        argv = spython_client(binary)._init_command("pull") + ["--force", partial, uri]
+        log.info("pulling %s into %s", uri, cache_dir)
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                  timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _remove(partial)
+            raise ImageError(f"pulling {uri} took longer than {timeout:g} s") from None
+        if proc.returncode != 0 or not os.path.exists(partial):
+            _remove(partial)
+            raise ImageError(f"cannot pull {uri}: {_last_line(proc.stderr or proc.stdout)}")
+        os.replace(partial, final)
+    return final
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    # Apptainer's reason is on its FATAL line; fall back to the last one.
+    fatal = [line for line in lines if "FATAL" in line]
+    return (fatal or lines or ["no output"])[-1]
+
+
+class ContainerRuntime(HostRuntime):
+    """Programs run with `BINARY exec` in the module's image (or a worker's instance)."""
+
+    def __init__(self, *, binary: str | None, image: str, mode: str, code_path: str | None,
+                 workdir: str, data_dir: str, volumes: list[str], cache_dir: str, name: str,
+                 variables: set[str], pull_timeout: float = 900.0):
+        super().__init__()
+        self.variables = variables            # names of the task variables the container gets
+        self.binary = binary
+        self.wanted_image = image
+        self.mode = mode
+        self.code_path = code_path
+        self.workdir = workdir
+        self.data_dir = data_dir
+        self.volumes = volumes
+        self.cache_dir = cache_dir
+        self.name = name                      # instance name, unique on the node
+        self.pull_timeout = pull_timeout
+        self.image: str | None = None
+        self.instance_up = False
+        self.env_prefix = "SINGULARITYENV_" if binary and os.path.basename(binary) == "singularity" \
+            else "APPTAINERENV_"
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = spython_client(self.binary)
+        return self._client
+
+    # -- image and instance -------------------------------------------------------------
+    def prepare(self) -> None:
+        """Resolve (pull) the image and start the instance; raise ImageError if it cannot be."""
+        if self.binary is None:
+            raise ImageError(f"image {self.wanted_image}: no container runtime on this node "
+                             f"(apptainer or singularity on PATH, or the site's runtime:)")
+        if self.image is None:
+            if REMOTE_IMAGE.match(self.wanted_image):
+                self.image = pull_image(self.binary, self.wanted_image, self.cache_dir,
+                                        timeout=self.pull_timeout)
+            elif os.path.exists(self.wanted_image):
+                self.image = self.wanted_image
+            else:
+                raise ImageError(f"image not found on {os.uname().nodename}: {self.wanted_image}")
+        if self.mode == "instance" and not self.instance_up:
+            self._start_instance()
+
+    def binds(self) -> list[str]:
+        binds = [f"{self.workdir}:{CONTAINER_WORK}", f"{self.data_dir}:{self.data_dir}"]
+        if self.code_path:
+            binds.append(f"{self.code_path}:{CONTAINER_CODE}:ro")
+        return binds + list(self.volumes)
+
+    def _bind_flags(self) -> list[str]:
+        flags = []
+        for bind in self.binds():
+            flags += ["-B", bind]
+        return flags
+
+    def _start_instance(self) -> None:
+        os.makedirs(self.workdir, exist_ok=True)
+        argv = self.client._init_command(["instance", "start"]) + \
+            ["--cleanenv", *self._bind_flags(), self.image, self.name]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                  timeout=self.pull_timeout, env=self._runtime_env({}))
+        except subprocess.TimeoutExpired:
+            raise ImageError(f"instance start of {self.image} took longer than {self.pull_timeout:g} s") from None
+        if proc.returncode != 0:
+            raise ImageError(f"cannot start an instance of {self.image}: {_last_line(proc.stderr)}")
+        self.instance_up = True
+        log.info("instance %s of %s started", self.name, self.image)
+
+    def close(self) -> None:
+        if self.instance_up:
+            argv = self.client._init_command(["instance", "stop"]) + [self.name]
+            try:
+                subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60,
+                               env=self._runtime_env({}))
+            except subprocess.TimeoutExpired:
+                log.warning("instance %s did not stop within 60 s", self.name)
+            self.instance_up = False
+
+    # -- per task -------------------------------------------------------------------------
+    def inside(self, program: str) -> str:
+        """The program's path as the container sees it."""
+        if self.code_path and (program == self.code_path or program.startswith(self.code_path.rstrip("/") + "/")):
+            return CONTAINER_CODE + program[len(self.code_path.rstrip("/")):]
+        return program
+
+    def _runtime_env(self, task_env: dict[str, str]) -> dict[str, str]:
+        env = {k: os.environ[k] for k in PASS_THROUGH if k in os.environ}
+        env.update({k: v for k, v in os.environ.items() if k.startswith(("APPTAINER_", "SINGULARITY_"))})
+        for key, value in task_env.items():
+            env[self.env_prefix + key] = value
+        return env
+
+    def spawn(self, program, body, headers_json, env, cwd):
+        # A clean environment: the task's own variables only, with paths in WORK_DIR (a
+        # body too long for argv is a file there) as the container sees them.
+        host_work = self.workdir.rstrip("/") + "/"
+
+        def seen(value: str) -> str:
+            return CONTAINER_WORK + "/" + value[len(host_work):] if value.startswith(host_work) else value
+
+        task_env = {k: seen(v) for k, v in env.items() if k in self.variables}
+        task_env["WORK_DIR"] = CONTAINER_WORK
+        if "SCALEBOX_BODY_FILE" in env and body == env["SCALEBOX_BODY_FILE"]:
+            body = seen(body)
+        argv = self.client._init_command("exec")
+        if self.mode == "instance":
+            argv += ["--pwd", CONTAINER_WORK, f"instance://{self.name}"]
+        else:
+            argv += ["--cleanenv", "--pwd", CONTAINER_WORK, *self._bind_flags(), self.image]
+        return self.binary, argv + [self.inside(program), body, headers_json], self._runtime_env(task_env)
