@@ -149,3 +149,43 @@ def test_controller_and_postgres_restart_mid_run(sbx_env, private_pg, tmp_path):
         ctl.terminate()
         ctl.wait(timeout=30)
     assert_routed_once(dsn, app_id)
+
+
+@pytest.fixture
+def small_scratch():
+    """A 4 MiB file system for node-local scratch (tmpfs; the suite runs as root)."""
+    path = tempfile.mkdtemp(prefix="sbx-test-scratch-")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", path], capture_output=True, text=True)
+    assert mount.returncode == 0, f"cannot mount a small tmpfs for the full-scratch test: {mount.stderr}"
+    yield path
+    subprocess.run(["umount", "-l", path])
+    os.rmdir(path)
+
+
+def test_full_scratch_is_a_task_error(sbx, sbx_env, dsn, tmp_path, small_scratch):
+    """A task that fills node-local scratch fails with -105 and a note saying so; its
+    WORK_DIR is not kept (it would keep the scratch full), and the others run on."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "big.sh").write_text("#!/bin/bash\nhead -c 8388608 /dev/zero > big.bin\n")
+    (code / "small.sh").write_text("#!/bin/bash\necho \"$1\" > small.txt\n")
+    for p in code.iterdir():
+        p.chmod(0o755)
+    (tmp_path / "app.yaml").write_text(
+        "name: full\nmodules:\n"
+        "  big:\n    base_image: host\n    code_path: ./code\n    command: ./big.sh\n    start_task: [a, b]\n"
+        "  small:\n    base_image: host\n    code_path: ./code\n    command: ./small.sh\n"
+        "    start_task: [c, d, e, f]\n")
+    proc = sbx("run", "--json", tmp_path, env={"SCALEBOX_SCRATCH": small_scratch})
+    assert proc.returncode == 0, proc.stderr          # FINISHED: every task ended, some failed
+    app_id = json.loads(proc.stdout)["id"]
+    rows = query(dsn, "SELECT m.name, t.status, count(*) FROM tasks t JOIN modules m ON m.id = t.module_id "
+                      "WHERE t.app_id = %s GROUP BY 1, 2", app_id)
+    assert sorted(rows) == [("big", -105, 2), ("small", 0, 4)], rows
+    notes = query(dsn, "SELECT e.note, e.output_bytes FROM task_exec e JOIN tasks t ON t.id = e.task_id "
+                       "JOIN modules m ON m.id = t.module_id WHERE m.name = 'big'")
+    assert all("scratch full" in note and "program exit code 1" in note for note, _ in notes), notes
+    small = query(dsn, "SELECT e.output_files, e.output_bytes FROM task_exec e JOIN tasks t ON t.id = e.task_id "
+                       "JOIN modules m ON m.id = t.module_id WHERE m.name = 'small'")
+    assert all(files == ["small.txt"] and size == 2 for files, size in small), small
+    assert not any(name.startswith("failed-task") for _, _, names in os.walk(small_scratch) for name in names)
