@@ -146,6 +146,8 @@ class ContainerRuntime(HostRuntime):
         self.pull_timeout = pull_timeout
         self.image: str | None = None
         self.instance_up = False
+        # The instance binds WORK_DIR once: the worker must empty it in place, never replace it.
+        self.fixed_workdir = mode == "instance"
         self.env_prefix = "SINGULARITYENV_" if binary and os.path.basename(binary) == "singularity" \
             else "APPTAINERENV_"
         self._client = None

@@ -607,19 +607,33 @@ class Worker:
     def _cleanup(self, workdir: str, code: int, task: ClaimedTask, names: set[str]) -> None:
         if not names:
             return
-        self.workdir_ready = False
         # Kept for inspection when it failed, unless keeping it would fill the scratch further.
-        if code not in (0, CODE_SCRATCH_FULL) and self.failed_workdirs < self.settings.keep_failed_workdirs:
+        keep = code not in (0, CODE_SCRATCH_FULL) and self.failed_workdirs < self.settings.keep_failed_workdirs
+        if keep:
             self.failed_workdirs += 1
-            kept = self.scratch / f"failed-task-{task.id}-{task.attempt}"
-            os.rename(workdir, kept)
-            log.info("kept WORK_DIR of failed task %s for inspection: %s", task.id, kept)
+        kept = self.scratch / f"failed-task-{task.id}-{task.attempt}"
+        if getattr(self.runtime, "fixed_workdir", False):
+            # A container instance has this very directory bound at /work: empty it in place.
+            if keep:
+                kept.mkdir()
+            for name in os.listdir(workdir):
+                path = os.path.join(workdir, name)
+                if keep:
+                    os.rename(path, kept / name)
+                elif os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
         else:
+            self.workdir_ready = False
             # Renamed first, so the next task gets an empty WORK_DIR even if some file
             # cannot be removed.
-            trash = self.scratch / f".trash-{task.id}-{task.attempt}"
-            os.rename(workdir, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            target = kept if keep else self.scratch / f".trash-{task.id}-{task.attempt}"
+            os.rename(workdir, target)
+            if not keep:
+                shutil.rmtree(target, ignore_errors=True)
+        if keep:
+            log.info("kept WORK_DIR of failed task %s for inspection: %s", task.id, kept)
 
     # -- heartbeat ----------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:

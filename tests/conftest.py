@@ -94,3 +94,38 @@ def slurm():
     yield conf
     subprocess.run(["bash", str(REPO / "tests" / "env" / "slurm-down.sh"), base], capture_output=True)
     os.environ.pop("SLURM_CONF", None)
+
+
+@pytest.fixture(scope="session")
+def apptainer():
+    """Real Apptainer (tests/env/apptainer-up.sh: sid's apptainer entered through
+    bubblewrap as an unprivileged user, and a small Debian image with python3 as a .sif
+    and as a sandbox). Kept between runs in $SBX_APPTAINER_DIR (default under /tmp).
+    Returns the variables to add to the environment (PATH with the launcher, images)."""
+    base = os.environ.get("SBX_APPTAINER_DIR", "/tmp/sbx-apptainer-env")
+    up = subprocess.run(["bash", str(REPO / "tests" / "env" / "apptainer-up.sh"), base],
+                        capture_output=True, text=True, timeout=1800)
+    assert up.returncode == 0, f"Apptainer for the tests could not be set up:\n{up.stderr[-3000:]}"
+    env = {}
+    for line in up.stdout.splitlines():
+        key, sep, value = line.removeprefix("export ").partition("=")
+        if sep:
+            env[key] = os.path.expandvars(value.strip("'\""))
+    # The launcher binds these host paths into its root (the examples' code lives in the repo).
+    env["SBX_APPTAINER_BINDS"] = str(REPO)
+    return env
+
+
+@pytest.fixture
+def open_dir():
+    """A directory the unprivileged Apptainer user can enter (pytest's tmp dir is root's only)."""
+    made = []
+
+    def make(prefix="sbx-test-open-"):
+        path = tempfile.mkdtemp(prefix=prefix)
+        os.chmod(path, 0o755)
+        made.append(path)
+        return Path(path)
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)

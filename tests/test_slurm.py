@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import EXAMPLES
-from test_faults import N_WORK, ROUTING_APP, assert_routed_once, held_worker, query, wait_for
+from test_faults import ROUTING_APP, assert_routed_once, held_worker, query, wait_for
 
 
 def write_site(sites_dir, name="testcluster", *, walltime="00:30:00", drain=60, partition="main",
