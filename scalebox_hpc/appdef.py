@@ -23,6 +23,8 @@ SCALEBOX_ENV = "scalebox.env"
 HOST = "host"
 HOOKS = ("check", "setup", "teardown")
 DIST_MODES = ("DEFAULT", "HOST-BOUND")
+# What the tasks of a HOST-BOUND module do when the host their to_host names is gone.
+HOST_FALLBACKS = ("fail", "anywhere")
 # Upstream location modes we do not implement; such modules simply run as DEFAULT.
 _UPSTREAM_DIST_MODES = ("SLOT-BOUND", "GROUP-BOUND")
 
@@ -43,6 +45,7 @@ class ModuleDef:
     task_max_seconds: int | None = None
     retry_rules: list[tuple[str, int]] = field(default_factory=list)
     task_dist_mode: str = "DEFAULT"
+    host_fallback: str = "fail"            # HOST-BOUND tasks whose to_host is gone: fail, or run anywhere
     environments: dict[str, str] = field(default_factory=dict)
     volumes: list[str] = field(default_factory=list)
     container_mode: str = "exec"           # exec: one 'apptainer exec' per task; instance: one instance per worker
@@ -501,6 +504,7 @@ class _AppParser:
             "task_max_seconds": lambda e: self.integer(e, 1),
             "retry_rules": lambda e: parse_retry_rules(e.value, file=self.file, key=e.key, line=e.line),
             "task_dist_mode": self.dist_mode,
+            "host_fallback": self.host_fallback,
             "environments": self.environments,
             "volumes": self.volumes,
             "container_mode": self.container_mode,
@@ -521,6 +525,10 @@ class _AppParser:
             entry = entries["min_workers"]
             raise self.error(f"min_workers ({module.min_workers}) is more than slots ({module.slots})",
                              entry.key, entry.line)
+        if "host_fallback" in entries and module.task_dist_mode != "HOST-BOUND":
+            entry = entries["host_fallback"]
+            raise self.error("host_fallback only applies to a module with task_dist_mode: HOST-BOUND "
+                             f"(this one is {module.task_dist_mode})", entry.key, entry.line)
         self.programs(module, entries, key)
         return module
 
@@ -619,6 +627,13 @@ class _AppParser:
             if not _ENV_NAME.fullmatch(name):
                 raise self.error(f"invalid variable name '{name}'", entry.key, entry.line)
         return dict(pairs)
+
+    def host_fallback(self, entry: _Entry) -> str:
+        value = (self.text(entry) or "fail").strip()
+        if value not in HOST_FALLBACKS:
+            raise self.error(f"unknown host_fallback '{value}' (use {' or '.join(HOST_FALLBACKS)})",
+                             entry.key, entry.line)
+        return value
 
     def container_mode(self, entry: _Entry) -> str:
         value = (self.text(entry) or "exec").strip()

@@ -1,7 +1,9 @@
 """The controller: routes nothing itself. Each step it
 1. declares workers lost (process gone, or lease expired) and makes their tasks READY
    again as an attempt with code 123 (or final, by the retry rules);
-2. sizes each module's pool of workers to its ready tasks and slots;
+2. sizes each module's pool of workers to its ready tasks and slots, and sends a
+   worker to each host that ready tasks of a HOST-BOUND module name in to_host (or,
+   the host being gone, applies the module's host_fallback);
 3. marks apps FINISHED when no task is left to run, FAILED when workers keep failing.
 Every step is a few short transactions, so it can be killed and restarted at any
 moment; a database outage only pauses it.
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 MAX_WORKER_FAILURES = 3
 FAILURE_BACKOFF_SECONDS = 5.0
+CODE_HOST_GONE = -106        # system code: a HOST-BOUND task's to_host is gone (host_fallback: fail)
 
 
 @dataclass
@@ -66,7 +69,7 @@ class Controller:
 
     def step(self) -> dict:
         """One pass; returns what it did (for logs and tests)."""
-        report = {"lost": 0, "recovered": 0, "started": 0, "finished": [], "failed": []}
+        report = {"lost": 0, "recovered": 0, "started": 0, "host_gone": 0, "finished": [], "failed": []}
         try:
             if not self.active or self.store._conn is None or self.store._conn.closed:
                 self._connect()
@@ -130,23 +133,33 @@ class Controller:
             self.store.q("count_worker_failure", {"worker_id": wid})
 
     def _size_pools(self, report: dict) -> None:
+        held_back = self._size_module_pools(report)
+        self._size_host_pools(report, held_back)
+
+    def _size_module_pools(self, report: dict) -> set[int]:
+        """Workers anywhere on each module's site, for the tasks any worker may take.
+        Returns the modules that get no new worker now (failing, or backing off)."""
+        held_back: set[int] = set()
         rows = self.store.q("module_demand", {"ready_cap": 1000}).fetchall()
         for (module_id, app_id, name, site_name, slots, min_workers, failures, ready, live,
              last_failure) in rows:
             if failures >= MAX_WORKER_FAILURES:
+                held_back.add(module_id)
                 last = self.store.one("last_worker_failure", {"module_id": module_id}) or "unknown reason"
                 msg = f"module {name}: {failures} workers failed in a row; last: {last}"
                 if self.store.set_app_status(app_id, "FAILED", ["RUNNING"], msg):
                     log.error("app %s FAILED: %s", app_id, msg)
                     report["failed"].append(app_id)
                 continue
+            # The last start failed a moment ago: do not hammer the site.
+            backing_off = failures and last_failure is not None and \
+                time.time() - last_failure.timestamp() < FAILURE_BACKOFF_SECONDS
+            if backing_off:
+                held_back.add(module_id)
             wanted = min(slots, ready) if ready else 0
             wanted = max(wanted, min(min_workers, slots))
-            if live >= wanted:
+            if live >= wanted or backing_off:
                 continue
-            if failures and last_failure is not None and \
-                    time.time() - last_failure.timestamp() < FAILURE_BACKOFF_SECONDS:
-                continue   # the last start failed a moment ago: do not hammer the site
             site = self.sites.get(site_name)
             if site is None:
                 msg = f"module {name}: unknown site '{site_name}' (known: {', '.join(sorted(self.sites))})"
@@ -155,29 +168,95 @@ class Controller:
                 continue
             site_live, site_pending = self.site_load.get(site_name, (0, 0))
             n = site.admit(wanted - live, site_live, site_pending)
-            if n <= 0:
+            if n > 0:
+                module = {"id": module_id, "name": name, "app_id": app_id}
+                report["started"] += self._start_workers(site_name, module, n)
+        return held_back
+
+    def _size_host_pools(self, report: dict, held_back: set[int]) -> None:
+        """HOST-BOUND modules: ready tasks with a to_host need a worker on that host. Each
+        step, every host whose ready tasks outnumber the module's workers there (running
+        or queued) gets one more, within the module's slots and the site's limits: round
+        by round, so that one busy host does not take all the slots. A host the site says
+        is gone gets the module's host_fallback instead."""
+        rows = self.store.q("host_demand").fetchall()
+        if not rows:
+            return
+        hosts_by_site: dict[str, set[str]] = {}
+        for row in rows:
+            hosts_by_site.setdefault(row[3], set()).add(row[6])
+        gone = {name: self.sites[name].gone_hosts(hosts)
+                for name, hosts in hosts_by_site.items() if name in self.sites}
+        module_live: dict[int, int] = {}
+        for module_id, app_id, name, site_name, slots, fallback, host, ready, there, started, live in rows:
+            if module_id in held_back or site_name not in self.sites:
                 continue
-            ids = [self.store.create_worker(module_id, site_name, site.start_timeout) for _ in range(n)]
-            try:
-                jobs = site.launch(ids, {"id": module_id, "name": name, "app_id": app_id})
-            except OSError as exc:
-                msg = f"cannot start worker: {exc}"
-                with self.store.conn.transaction():
-                    self.store.q("mark_workers_lost", {"worker_ids": ids, "message": msg})
-                self._count_failures(ids)
-                log.error("module %s: %s", name, msg)
+            site = self.sites[site_name]
+            module = {"id": module_id, "name": name, "app_id": app_id}
+            reason = gone[site_name].get(host)
+            # A worker still running there (a drained node keeps its jobs) serves them on.
+            if reason is not None and not started:
+                self._host_gone(site, module, host, fallback, reason, report)
                 continue
+            live = module_live.setdefault(module_id, live)
+            if there >= ready or reason is not None or live >= slots:
+                continue
+            site_live, site_pending = self.site_load.get(site_name, (0, 0))
+            if site.admit(1, site_live, site_pending) < 1:
+                continue
+            n = self._start_workers(site_name, module, 1, host=host)
+            module_live[module_id] += n
+            report["started"] += n
+
+    def _host_gone(self, site: Site, module: dict, host: str, fallback: str, reason: str,
+                   report: dict) -> None:
+        """The module's ready tasks wait for a host that is gone: end them (host_fallback
+        fail) or let them run anywhere (anywhere); its queued workers there go too."""
+        if fallback == "anywhere":
+            n = self.store.unpin_host_tasks(module["id"], host)
+            log.warning("module %s: %s; %d task(s) for %s may now run on any host (host_fallback: anywhere)",
+                        module["name"], reason, n, host)
+        else:
+            note = (f"to_host {host} is gone: {reason}; module {module['name']} has host_fallback: fail "
+                    "(set host_fallback: anywhere to run such tasks on another host)")
+            n = self.store.fail_host_tasks(module["id"], host, CODE_HOST_GONE, note)
+            log.error("module %s: %s; %d task(s) for %s failed (%s)", module["name"], reason, n, host,
+                      CODE_HOST_GONE)
+        report["host_gone"] += n
+        pending = [LiveWorker(wid, module["id"], "PENDING", None, None, job)
+                   for wid, job in self.store.q("pending_host_workers", {"module_id": module["id"], "host": host})]
+        if pending:
+            site.cancel(pending)
+            self.store.q("stop_workers", {"worker_ids": [w.id for w in pending], "status": "EXITED",
+                                          "message": f"cancelled before it started: {reason}"})
+
+    def _start_workers(self, site_name: str, module: dict, n: int, host: str | None = None) -> int:
+        """Create n worker rows and have the site start them (on ``host``, when given);
+        returns how many it did."""
+        site = self.sites[site_name]
+        ids = [self.store.create_worker(module["id"], site_name, site.start_timeout, want_host=host)
+               for _ in range(n)]
+        try:
+            jobs = site.launch(ids, module, host=host)
+        except OSError as exc:
+            msg = f"cannot start worker: {exc}"
             with self.store.conn.transaction():
-                for wid, job in jobs.items():
-                    if job is not None:
-                        self.store.q("set_worker_job", {"worker_id": wid, "slurm_job_id": job})
-                unsent = [wid for wid in ids if wid not in jobs]
-                if unsent:   # refused, or over the site's sbatch budget: these rows never had a chance
-                    self.store.q("stop_workers", {"worker_ids": unsent, "status": "EXITED",
-                                                  "message": f"not submitted to site {site_name} "
-                                                             f"({site.refusal})"})
-            self.site_load[site_name] = (site_live + len(jobs), site_pending + len(jobs))
-            report["started"] += len(jobs)
+                self.store.q("mark_workers_lost", {"worker_ids": ids, "message": msg})
+            self._count_failures(ids)
+            log.error("module %s: %s", module["name"], msg)
+            return 0
+        with self.store.conn.transaction():
+            for wid, job in jobs.items():
+                if job is not None:
+                    self.store.q("set_worker_job", {"worker_id": wid, "slurm_job_id": job})
+            unsent = [wid for wid in ids if wid not in jobs]
+            if unsent:   # refused, or over the site's sbatch budget: these rows never had a chance
+                self.store.q("stop_workers", {"worker_ids": unsent, "status": "EXITED",
+                                              "message": f"not submitted to site {site_name} "
+                                                         f"({site.refusal})"})
+        site_live, site_pending = self.site_load.get(site_name, (0, 0))
+        self.site_load[site_name] = (site_live + len(jobs), site_pending + len(jobs))
+        return len(jobs)
 
     def run(self, *, once: bool = False, stop=None) -> None:
         """Loop until ``stop()`` returns true (or once)."""

@@ -1,11 +1,16 @@
 """Rules of a Slurm site's pool, with a scripted scheduler in place of Slurm (the real
 thing is exercised in test_slurm.py): admission, arrays split at MaxArraySize, the
-per-minute sbatch budget, the degraded state and its probe, lost-job detection."""
+per-minute sbatch budget, the degraded state and its probe, lost-job detection, and
+HOST-BOUND modules: workers sent to the hosts their tasks name, host_fallback when a
+host is gone."""
 from __future__ import annotations
+
+import json
 
 import pytest
 
-from scalebox_hpc.controller import ControllerSettings
+from scalebox_hpc.controller import CODE_HOST_GONE, Controller, ControllerSettings
+from scalebox_hpc.db.store import Message, Store
 from scalebox_hpc.siteconfig import load_site
 from scalebox_hpc.sites import LiveWorker
 from scalebox_hpc.sites.slurm import BatchSite, Job, SchedulerError
@@ -19,6 +24,8 @@ class ScriptedScheduler:
         self.queue: dict[str, Job] = {}
         self.fail_with: str | None = None
         self.squeue_calls = 0
+        self.node_states: dict[str, tuple[str, str]] | None = {"n1": ("idle", ""), "n2": ("idle", "")}
+        self.sinfo_calls = 0
 
     def submit(self, script):
         if self.fail_with:
@@ -36,6 +43,12 @@ class ScriptedScheduler:
 
     def max_array_size(self):
         return 3
+
+    def nodes(self, partition):
+        self.sinfo_calls += 1
+        if self.node_states is None:
+            raise SchedulerError("sinfo: error: Unable to contact slurm controller")
+        return dict(self.node_states)
 
 
 @pytest.fixture
@@ -106,3 +119,134 @@ def test_dead_workers_from_one_squeue_per_poll(make_site):
     # A job submitted after the last squeue is not declared dead on that stale view.
     more = site.launch([3], MODULE)
     assert site.dead([LiveWorker(3, 1, "PENDING", None, None, more[3])]) == []
+
+
+# -- HOST-BOUND modules -------------------------------------------------------------------
+
+def test_gone_hosts_from_one_sinfo_per_poll(make_site):
+    site, sched = make_site()
+    sched.node_states = {"n1": ("idle", ""), "n2": ("down", "test"), "n3": ("drained", "maintenance"),
+                         "n4": ("idle*", ""), "n5": ("mixed", "")}
+    gone = site.gone_hosts({"n1", "n2", "n3", "n4", "n5", "n9"})
+    assert sorted(gone) == ["n2", "n3", "n9"]                 # 'idle*' (not responding yet) is not gone
+    assert gone["n2"] == "node n2 is down (sinfo, reason: test)"
+    assert "not in partition main" in gone["n9"]
+    for _ in range(10):
+        site.gone_hosts({"n2"})
+    assert sched.sinfo_calls == 1                             # at most one sinfo per poll interval
+    # No answer, or no node in the partition, says nothing about a node: nobody is gone.
+    sched.node_states = None
+    site.node_view_at -= 5
+    assert site.gone_hosts({"n2", "n9"}) == {}
+    sched.node_states = {}
+    site.node_view_at -= 5
+    assert site.gone_hosts({"n2", "n9"}) == {}
+
+
+def test_job_for_a_host_is_one_node_and_a_refusal_marks_the_host_gone(make_site):
+    site, sched = make_site(slurm="  nodes: 2\n")
+    assert site.launch([5], MODULE, host="n2") == {5: "101"}
+    assert "#SBATCH --nodelist=n2" in sched.scripts[0] and "#SBATCH --nodes=1" in sched.scripts[0]
+    assert "srun" not in sched.scripts[0]                     # one worker, on that node
+    sched.fail_with = "sbatch: error: Batch job submission failed: Requested node configuration is not available"
+    assert site.launch([6], MODULE, host="n2") == {}
+    assert site.failures == 0 and site.status == "OK"        # the node's fault, not the site's
+    gone = site.gone_hosts({"n1", "n2"})
+    assert list(gone) == ["n2"] and gone["n2"].startswith("sbatch refused a job for node n2:")
+    assert site.gone_hosts({"n2"}) == {}                      # reported once; a new job may try again
+
+
+def host_bound_app(store: Store, *, slots=2):
+    """An app with a HOST-BOUND module per host_fallback, on site 's'."""
+    modules = [{"name": "consume", "site": "s", "task_dist_mode": "HOST-BOUND", "slots": slots},
+               {"name": "roam", "site": "s", "task_dist_mode": "HOST-BOUND", "host_fallback": "anywhere",
+                "slots": slots}]
+    app_id = store.create_app({"name": "hb", "site": "s"}, modules, [])
+    ids = {name: mid for mid, name, *_ in store.q("app_modules", {"app_id": app_id})}
+    return app_id, ids
+
+
+def add(store, app_id, module_id, bodies, host):
+    store.insert_messages(app_id, [Message(module_id, b, {"to_host": host}) for b in bodies])
+
+
+@pytest.fixture
+def controller(make_site, dsn, tmp_path):
+    site, sched = make_site("  max_workers: 10\n")
+    ctl = Controller(ControllerSettings(dsn=dsn, state_dir=str(tmp_path)), sites={"s": site})
+    yield ctl, site, sched, Store(dsn)
+    ctl.close()
+
+
+def sent_to(scripts):
+    return [s.split("--nodelist=")[1].split()[0] if "--nodelist=" in s else None for s in scripts]
+
+
+def test_workers_are_sent_to_the_hosts_with_tasks_round_by_round(controller):
+    ctl, site, sched, store = controller
+    app_id, ids = host_bound_app(store, slots=3)
+    add(store, app_id, ids["consume"], ["a", "b", "c"], "n1")
+    add(store, app_id, ids["consume"], ["d"], "n2")
+    report = ctl.step()
+    assert report["started"] == 2 and report["host_gone"] == 0
+    assert sorted(sent_to(sched.scripts)) == ["n1", "n2"]
+    rows = store.q("list_workers", {"app_id": app_id}).fetchall()
+    assert len(rows) == 2 and all(r[3] == "PENDING" for r in rows)
+    # Pending workers count on the host they were sent to: n2 has one for its one task;
+    # n1 gets one more for its three, and then the module's 3 slots are full.
+    assert ctl.step()["started"] == 1 and sent_to(sched.scripts)[-1] == "n1"
+    assert ctl.step()["started"] == 0
+    # Tasks without a to_host go to the module's ordinary pool, which those three cover.
+    store.insert_messages(app_id, [Message(ids["consume"], "free")])
+    assert ctl.step()["started"] == 0 and len(sched.scripts) == 3
+
+
+def test_slots_cap_the_workers_sent_to_hosts(controller):
+    ctl, site, sched, store = controller
+    app_id, ids = host_bound_app(store, slots=1)
+    add(store, app_id, ids["consume"], ["a"], "n1")
+    add(store, app_id, ids["consume"], ["b"], "n2")
+    assert ctl.step()["started"] == 1
+
+
+def test_gone_host_fails_or_frees_its_tasks_by_host_fallback(controller):
+    ctl, site, sched, store = controller
+    sched.node_states = {"n1": ("idle", ""), "n2": ("down", "test")}
+    app_id, ids = host_bound_app(store)
+    add(store, app_id, ids["consume"], ["a", "b"], "n2")
+    add(store, app_id, ids["roam"], ["c"], "n2")
+    add(store, app_id, ids["consume"], ["d"], "n1")
+    report = ctl.step()
+    assert report["host_gone"] == 3
+    tasks = {r[4]: r for r in store.q("list_tasks", {"app_id": app_id, "module": None, "status": None,
+                                                     "limit": 10})}
+    # fail: a final system code, and an attempt whose note names the host and why.
+    for body in ("a", "b"):
+        task_id, _module, status, attempts, _body, headers, to_host, *_ = tasks[body]
+        assert (status, attempts, to_host) == (CODE_HOST_GONE, 1, "n2")
+        (code, note), = store.conn.execute("SELECT status_code, note FROM task_exec WHERE task_id = %s",
+                                           (task_id,)).fetchall()
+        assert code == CODE_HOST_GONE and "to_host n2 is gone: node n2 is down (sinfo, reason: test)" in note
+    # anywhere: READY for any worker, the host it wanted kept in its headers.
+    _id, _m, status, _a, _b, headers, to_host, *_ = tasks["c"]
+    assert (status, to_host) == (-1, None)
+    assert headers["wanted_host"] == "n2" and "to_host" not in headers
+    assert tasks["d"][2] == -1                               # n1 is fine
+    # Only n1 got a worker sent to it; roam's freed task gets one from the ordinary pool next.
+    assert sent_to(sched.scripts) == ["n1"]
+    ctl.step()
+    assert sent_to(sched.scripts) == ["n1", None]
+
+
+def test_queued_worker_for_a_host_that_goes_down_is_cancelled(controller):
+    ctl, site, sched, store = controller
+    app_id, ids = host_bound_app(store)
+    add(store, app_id, ids["consume"], ["a"], "n2")
+    assert ctl.step()["started"] == 1
+    sched.queue = {"101": None}
+    sched.node_states = {"n1": ("idle", ""), "n2": ("drained", "")}
+    site.node_view_at -= 5
+    assert ctl.step()["host_gone"] == 1
+    assert "101" not in sched.queue                           # scancel'ed
+    (status, message), = store.conn.execute("SELECT status, message FROM workers").fetchall()
+    assert status == "EXITED" and "node n2 is drained" in message

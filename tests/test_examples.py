@@ -75,3 +75,31 @@ def test_task_exec_files_are_recorded(sbx, conn):
     for stage in ("message_created", "inserted", "ready", "claimed", "received", "program_start",
                   "program_end", "stageout_start", "stageout_end", "sink_committed", "completed"):
         assert e[f"t_{stage}"], stage
+
+
+# For each consume attempt that succeeded: the file, where the produce task that sent its
+# message ran, where it ran itself, and the bytes it read.
+PIPELINE_HOSTS = """
+SELECT c.body, pw.host, cw.host, ce.input_bytes
+FROM tasks c JOIN modules m ON m.id = c.module_id AND m.name = 'consume'
+JOIN task_exec ce ON ce.task_id = c.id AND ce.status_code = 0 JOIN workers cw ON cw.id = ce.worker_id
+JOIN tasks p ON p.id = c.from_task_id
+JOIN task_exec pe ON pe.task_id = p.id AND pe.status_code = 0 JOIN workers pw ON pw.id = pe.worker_id
+WHERE c.app_id = %s ORDER BY c.body
+"""
+
+
+def test_local_pipeline_reads_each_file_where_it_was_written(sbx, conn, tmp_path):
+    summary = run_app(sbx, "local-pipeline")
+    assert summary["status"] == "FINISHED"
+    assert summary["modules"]["produce"]["ok"] == summary["modules"]["consume"]["ok"] == 8
+    rows = conn.execute(PIPELINE_HOSTS, (summary["id"],)).fetchall()
+    size = 50 << 20
+    assert [body for body, *_ in rows] == [f"part-{i}.bin" for i in range(1, 9)]
+    assert all(made == used and read == size for _, made, used, read in rows), rows
+    sems = dict(conn.execute("SELECT name, value FROM semaphores WHERE app_id = %s", (summary["id"],)).fetchall())
+    assert sems == {"bytes_consumed": 8 * size, "files_consumed": 8}
+    # consume's worker was sent to the host its messages named (the local site has one).
+    assert conn.execute("SELECT DISTINCT want_host = host FROM workers w JOIN modules m ON m.id = w.module_id "
+                        "WHERE m.name = 'consume'").fetchall() == [(True,)]
+    assert not list((tmp_path / "state" / "scratch").glob("scalebox-data/*/*.bin"))   # consumed, removed

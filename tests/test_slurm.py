@@ -1,16 +1,20 @@
 """Apps on a real Slurm cluster (munge + slurmctld + two slurmd fake nodes, started by
 tests/env/slurm-up.sh): worker jobs through sbatch, lost jobs, walltime drains, the
-submission rate limit and the degraded state."""
+submission rate limit and the degraded state, HOST-BOUND tasks on the node of their
+data, and a node taken down."""
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from conftest import EXAMPLES
+from test_examples import PIPELINE_HOSTS
 from test_faults import ROUTING_APP, assert_routed_once, held_worker, query, wait_for
 
 
@@ -180,3 +184,125 @@ def test_site_check(slurm_env, tmp_path):
     nopart = json.loads(cli(slurm_env, "site", "check", "--json", "nopart", timeout=120).stdout)
     assert nopart["checks"][-1]["name"] == "partition"
     assert "nosuchpartition not found" in nopart["checks"][-1]["detail"]
+
+
+def node_local_scratch(site_file, root):
+    """Give each fake node a scratch of its own (they share one machine): a file left in
+    DATA_DIR on n1 is then not on n2, as on a real cluster."""
+    text = site_file.read_text().replace("scratch_root: /tmp", f"scratch_root: {root}/node-$SLURMD_NODENAME")
+    site_file.write_text(text)
+
+
+def test_local_pipeline_reads_each_file_on_the_node_that_wrote_it(slurm_env, dsn, tmp_path):
+    write_site(tmp_path / "sites", max_workers=4)
+    node_local_scratch(tmp_path / "sites" / "testcluster.yaml", tmp_path)
+    proc = cli(slurm_env, "run", "--json", "--site", "testcluster", EXAMPLES / "local-pipeline")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "FINISHED", summary
+    assert summary["modules"]["consume"]["ok"] == 8, summary
+    rows = query(dsn, PIPELINE_HOSTS, summary["id"])
+    assert len(rows) == 8
+    assert all(made == used and read == 50 << 20 for _, made, used, read in rows), rows
+    assert {made for _, made, _, _ in rows} == {"n1", "n2"}, rows
+    # Each consume worker that started was sent (--nodelist) to the node it ran on.
+    sent = query(dsn, "SELECT w.want_host, w.host FROM workers w JOIN modules m ON m.id = w.module_id "
+                      "WHERE m.name = 'consume' AND w.host IS NOT NULL")
+    assert sent and all(want == host for want, host in sent), sent
+    assert not list(tmp_path.glob("node-*/scalebox-data/*/*.bin"))   # consumed, removed
+
+
+NODE_DOWN_APP = """name: node-down
+modules:
+  emit:
+    base_image: host
+    code_path: ./code
+    command: ./emit.sh
+    start_task: go
+  pin:
+    base_image: host
+    code_path: ./code
+    command: ./show.sh
+    task_dist_mode: HOST-BOUND
+  roam:
+    base_image: host
+    code_path: ./code
+    command: ./show.sh
+    task_dist_mode: HOST-BOUND
+    host_fallback: anywhere
+"""
+
+EMIT_AND_SHOW = {
+    "emit.sh": """#!/bin/sh
+cat > "$WORK_DIR/sink-tasks.txt" <<'EOF'
+pin,a,{"to_host":"n2"}
+roam,b,{"to_host":"n2"}
+pin,c,{"to_host":"n9"}
+EOF
+""",
+    "show.sh": """#!/bin/sh
+echo "ran on $LOCAL_HOST with $2"
+""",
+}
+
+
+def node_state(env, node):
+    out = subprocess.run(["sinfo", "-h", "-N", "-n", node, "-o", "%T"], env=env, capture_output=True, text=True)
+    return out.stdout.split()[0] if out.stdout.split() else ""
+
+
+@contextlib.contextmanager
+def node_down(env, node):
+    """Take a node down as an admin would. The test cluster's ReturnToService=2 brings a
+    DOWN node back at its next ping, seconds later: keep setting it down until the end."""
+    down = ["scontrol", "update", f"nodename={node}", "state=down", "reason=test"]
+    subprocess.run(down, env=env, check=True)
+    stop = threading.Event()
+
+    def hold():
+        while not stop.wait(0.3):
+            subprocess.run(down, env=env, capture_output=True)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        holder.join()
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], env=env)
+        wait_for(lambda: node_state(env, node) in ("idle", "mixed", "allocated"), timeout=120, interval=1,
+                 what=f"{node} back up")
+
+
+def test_tasks_for_a_node_that_is_down_fail_or_run_anywhere(slurm_env, dsn, tmp_path):
+    """n2 is down: a HOST-BOUND task sent there ends with -106 and a note (host_fallback:
+    fail), or runs on n1 with the host it wanted in its headers (anywhere). A node the
+    partition does not have is gone as well."""
+    write_site(tmp_path / "sites")
+    app = tmp_path / "app"
+    (app / "code").mkdir(parents=True)
+    for program, text in EMIT_AND_SHOW.items():
+        (app / "code" / program).write_text(text)
+        (app / "code" / program).chmod(0o755)
+    (app / "app.yaml").write_text(NODE_DOWN_APP)
+    with node_down(slurm_env, "n2"):
+        proc = cli(slurm_env, "run", "--json", "--site", "testcluster", app)
+    assert proc.returncode == 0, proc.stderr
+    app_id = json.loads(proc.stdout)["id"]
+    rows = query(dsn, "SELECT t.body, t.status, t.to_host, t.headers, e.status_code, e.note, e.stdout, w.host "
+                      "FROM tasks t JOIN task_exec e ON e.task_id = t.id "
+                      "LEFT JOIN workers w ON w.id = e.worker_id WHERE t.app_id = %s", app_id)
+    by_body = {r[0]: r[1:] for r in rows}
+    assert sorted(by_body) == ["a", "b", "c", "go"], rows
+    status, to_host, _headers, code, note, _out, host = by_body["a"]
+    assert (status, to_host, code, host) == (-106, "n2", -106, None)
+    assert "to_host n2 is gone: node n2 is down (sinfo, reason: test)" in note
+    status, to_host, _headers, code, note, _out, host = by_body["c"]
+    assert (status, to_host, code, host) == (-106, "n9", -106, None)
+    assert "node n9 is not in partition main" in note
+    status, to_host, headers, code, _note, out, host = by_body["b"]
+    assert (status, to_host, code, host) == (0, None, 0, "n1")
+    assert headers["wanted_host"] == "n2" and "to_host" not in headers
+    assert '"wanted_host": "n2"' in out
+

@@ -326,9 +326,24 @@ class Store:
                 self.q("notify_module", {"module_id": module_id, "payload": "ready"})
         return lost, len(ids)
 
-    def create_worker(self, module_id: int, site: str, start_timeout: float) -> int:
+    def create_worker(self, module_id: int, site: str, start_timeout: float, want_host: str | None = None) -> int:
         return self.one("create_worker", {"module_id": module_id, "site": site,
-                                          "start_timeout": start_timeout})
+                                          "start_timeout": start_timeout, "want_host": want_host})
+
+    def fail_host_tasks(self, module_id: int, host: str, code: int, note: str) -> int:
+        """End the module's ready tasks addressed to ``host`` with ``code``, an attempt
+        with ``note`` each; returns how many."""
+        return len(self.q("fail_host_tasks", {"module_id": module_id, "host": host, "code": code,
+                                              "note": note}).fetchall())
+
+    def unpin_host_tasks(self, module_id: int, host: str) -> int:
+        """Let the module's ready tasks addressed to ``host`` run anywhere (their headers
+        keep it as wanted_host); returns how many."""
+        with self.conn.transaction():
+            n = len(self.q("unpin_host_tasks", {"module_id": module_id, "host": host}).fetchall())
+            if n:
+                self.q("notify_module", {"module_id": module_id, "payload": "ready"})
+        return n
 
     def try_controller_lock(self) -> bool:
         return bool(self.one("try_controller_lock"))

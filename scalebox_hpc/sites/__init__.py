@@ -40,10 +40,15 @@ class Site:
         """Why this module's tasks could never run here, or None."""
         return None
 
-    def launch(self, worker_ids: list[int], module: dict) -> dict[int, str | None]:
-        """Start workers for these rows; returns the batch job id (None for none) of
-        each one started. Rows left out were not started."""
+    def launch(self, worker_ids: list[int], module: dict, host: str | None = None) -> dict[int, str | None]:
+        """Start workers for these rows (on ``host``, when given); returns the batch job
+        id (None for none) of each one started. Rows left out were not started."""
         raise NotImplementedError
+
+    def gone_hosts(self, hosts: set[str]) -> dict[str, str]:
+        """Which of these hosts can take no worker of this site, and why. A host the
+        site knows nothing about is not declared gone on a guess."""
+        return {}
 
     def dead(self, workers: list[LiveWorker]) -> list[int]:
         return []

@@ -23,7 +23,8 @@ class LocalSite(Site):
         self.config = config
         if config is not None:
             self.name = config.name
-        self.host = socket.gethostname()
+        # The name workers report as their host (worker._host_ip), which to_host headers use.
+        self.host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
         self.procs: dict[int, subprocess.Popen] = {}
         self.logdir = Path(settings.log_dir)
 
@@ -32,7 +33,13 @@ class LocalSite(Site):
             return wanted
         return max(0, min(wanted, self.config.pool.max_workers - live))
 
-    def launch(self, worker_ids: list[int], module: dict) -> dict[int, str | None]:
+    def gone_hosts(self, hosts: set[str]) -> dict[str, str]:
+        # Workers of this site only ever run here.
+        return {h: f"host {h} is not a host of site {self.name} (its workers run on {self.host} only)"
+                for h in hosts if h != self.host}
+
+    def launch(self, worker_ids: list[int], module: dict, host: str | None = None) -> dict[int, str | None]:
+        # 'host' can only be this machine: the controller asks gone_hosts() first.
         self.logdir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, SCALEBOX_DSN=self.settings.dsn)
         for wid in worker_ids:

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from psycopg.conninfo import conninfo_to_dict
 
@@ -67,6 +67,10 @@ class SlurmCLI:
 
     ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING",
               "SIGNALING", "STAGE_OUT", "REQUEUE_HOLD", "REQUEUE_FED"}
+    # Node states (sinfo %T, prefixes: drained, draining, failing ...) that take no new job.
+    UNUSABLE = ("down", "drain", "fail", "inval")
+    # What sbatch says when a --nodelist job can never run on that node.
+    NODE_REFUSALS = ("Invalid node name specified", "Requested node configuration is not available")
 
     def __init__(self, runner=None):
         self.run = runner or LocalRunner()
@@ -106,6 +110,30 @@ class SlurmCLI:
                     raise SchedulerError(f"partition {summary}: not UP")
                 return summary
         raise SchedulerError(f"partition {name or '(default)'} not found")
+
+    def nodes(self, partition: str | None) -> dict[str, tuple[str, str]]:
+        """The nodes of a partition (None: the default one) as {name: (state, reason)}, in
+        one sinfo call; empty when there is no such partition."""
+        out = self.run(["sinfo", "-h", "-N", "-o", "%N|%P|%T|%E"])
+        found = {}
+        for line in out.splitlines():
+            parts = line.strip().split("|", 3)
+            if len(parts) != 4:
+                continue
+            node, part, state, reason = parts
+            if (part.rstrip("*") == partition) if partition else part.endswith("*"):
+                found[node] = (state, "" if reason == "none" else reason)
+        return found
+
+    @classmethod
+    def node_unusable(cls, state: str) -> bool:
+        """Whether a node in this sinfo state takes no new job ('idle*', not responding
+        yet, still may: Slurm marks it down itself after SlurmdTimeout)."""
+        return any(re.sub(r"[^a-z_]", "", word).startswith(cls.UNUSABLE) for word in state.lower().split("+"))
+
+    @classmethod
+    def refuses_node(cls, message: str) -> bool:
+        return any(text in message for text in cls.NODE_REFUSALS)
 
     def max_array_size(self) -> int:
         out = self.run(["scontrol", "show", "config"])
@@ -152,6 +180,9 @@ class BatchSite(Site):
         self.snapshot_at = 0.0
         self.submitted_at: dict[str, float] = {}  # job id -> when sbatch returned it
         self._max_array = config.slurm.max_array_size
+        self.node_view: dict[str, tuple[str, str]] | None = None   # sinfo: node -> (state, reason)
+        self.node_view_at: float | None = None
+        self.refused_hosts: dict[str, str] = {}   # host -> why sbatch refused a --nodelist job for it
 
     def unfit(self, module: dict) -> str | None:
         # Workers claim a task only if its task_max_seconds fits in what is left of the
@@ -229,13 +260,17 @@ class BatchSite(Site):
     def worker_env(self) -> dict[str, str]:
         return {**self.config.env, "SCALEBOX_DSN": worker_dsn(self.config, self.settings.dsn)}
 
-    def launch(self, worker_ids: list[int], module: dict) -> dict[int, str]:
-        """Submit jobs for these worker rows (arrays when many, split at MaxArraySize).
+    def launch(self, worker_ids: list[int], module: dict, host: str | None = None) -> dict[int, str]:
+        """Submit jobs for these worker rows (arrays when many, split at MaxArraySize);
+        with ``host``, one-node jobs on that node (--nodelist).
 
         Returns the Slurm job id of each worker submitted; rows missing from it were
         not submitted (the controller releases them)."""
         os.makedirs(self.settings.log_dir, exist_ok=True)   # Slurm writes job output there
-        nodes = self.config.slurm.nodes
+        # A job sent to a host has that one node: the other nodes of a wider job would be
+        # anywhere, and their workers would not be where the tasks wait.
+        config = self.config if host is None else replace(self.config, slurm=replace(self.config.slurm, nodes=1))
+        nodes = config.slurm.nodes
         per_job = [worker_ids[i:i + nodes] for i in range(0, len(worker_ids), nodes)]
         chunk = max(1, self.max_array_size())
         jobs: dict[int, str] = {}
@@ -247,13 +282,18 @@ class BatchSite(Site):
             ids = [w for job in group for w in job]
             array = f"0-{len(group) - 1}" if len(group) > 1 else None
             script = render_worker_script(
-                self.config, job_name=f"{self.prefix}{module['app_id']}-{module['name']}",
+                config, job_name=f"{self.prefix}{module['app_id']}-{module['name']}",
                 worker_argv=self.worker_argv(ids), env=self.worker_env(),
-                log_dir=self.settings.log_dir, array=array)
+                log_dir=self.settings.log_dir, array=array, nodelist=host)
             self.recent.append(time.monotonic())   # failed calls load slurmctld as much
             try:
                 job_id = self.scheduler.submit(script)
             except SchedulerError as exc:
+                if host and SlurmCLI.refuses_node(str(exc)):
+                    # That node's fault, not the site's: gone_hosts() reports it next.
+                    self.refusal = self.refused_hosts[host] = f"sbatch refused a job for node {host}: {exc}"
+                    log.error("site %s: module %s: %s", self.name, module["name"], self.refusal)
+                    break
                 where = ", ".join(f"{k} '{v}'" for k, v in (("partition", self.config.slurm.partition),
                                                              ("account", self.config.slurm.account),
                                                              ("qos", self.config.slurm.qos)) if v)
@@ -269,9 +309,39 @@ class BatchSite(Site):
                 self.submitted_at[element] = now
                 for wid in job:
                     jobs[wid] = element
-            log.info("site %s: submitted job %s%s for %d worker(s) of module %s", self.name, job_id,
-                     f" (array {array})" if array else "", len(ids), module["name"])
+            log.info("site %s: submitted job %s%s for %d worker(s) of module %s%s", self.name, job_id,
+                     f" (array {array})" if array else "", len(ids), module["name"], f" on {host}" if host else "")
         return jobs
+
+    # -- hosts (HOST-BOUND modules) ---------------------------------------------------------
+    def gone_hosts(self, hosts: set[str]) -> dict[str, str]:
+        """Hosts no worker job can go to: refused by sbatch, or down, drained, failed or
+        not in the partition by sinfo (asked at most once per poll interval)."""
+        gone = {host: self.refused_hosts.pop(host) for host in hosts & self.refused_hosts.keys()}
+        nodes = self._nodes()
+        if not nodes:
+            # No answer, or a partition without nodes: that is the site's state, not a node's.
+            return gone
+        partition = self.config.slurm.partition or "(the default one)"
+        for host in sorted(hosts - gone.keys()):
+            if host not in nodes:
+                gone[host] = f"node {host} is not in partition {partition} of site {self.name} (sinfo)"
+            elif SlurmCLI.node_unusable(nodes[host][0]):
+                state, reason = nodes[host]
+                gone[host] = f"node {host} is {state} (sinfo{f', reason: {reason}' if reason else ''})"
+        return gone
+
+    def _nodes(self) -> dict[str, tuple[str, str]] | None:
+        now = time.monotonic()
+        if self.node_view_at is not None and now - self.node_view_at < self.pool.poll_seconds:
+            return self.node_view
+        self.node_view_at = now
+        try:
+            self.node_view = self.scheduler.nodes(self.config.slurm.partition)
+        except SchedulerError as exc:
+            log.warning("site %s: cannot list nodes: %s", self.name, exc)
+            self.node_view = None   # nobody is declared gone on a guess
+        return self.node_view
 
     # -- watching ---------------------------------------------------------------------------
     def refresh(self) -> None:
