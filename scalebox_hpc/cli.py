@@ -8,21 +8,18 @@ import subprocess
 import sys
 import time
 import traceback
-from datetime import datetime
+from datetime import datetime, timezone
 
 import click
 
 from . import __version__, config, db
+from .codes import is_failure, parse_status, status_name
 from .errors import NotFound, ScaleboxError
 
 log = logging.getLogger("scalebox_hpc")
 
 TERMINAL = ("FINISHED", "FAILED", "CANCELLED")
-STATUS_NAMES = {-9: "INITIAL", -1: "READY", -2: "QUEUED", -3: "RUNNING", 0: "OK"}
-
-
-def status_name(code: int) -> str:
-    return STATUS_NAMES.get(code, f"FAILED({code})")
+RATE_WINDOW = 60.0   # seconds of recent completions that rates and ETAs are measured over
 
 
 def _json_default(value):
@@ -146,10 +143,21 @@ def _controller_settings(ctx):
         sites_dir=config.sites_dir())
 
 
-def _counts(store, app_id: int) -> dict[str, dict[str, int]]:
-    per: dict[str, dict[str, int]] = {}
-    for module, status, n in store.q("task_counts", {"app_id": app_id}):
-        c = per.setdefault(module, {"ready": 0, "running": 0, "ok": 0, "failed": 0, "total": 0})
+def _counts(store, app_id: int) -> dict[str, dict]:
+    """Per module: tasks by state, failures by code, tasks finished per second over the
+    last RATE_WINDOW seconds, and the time that rate needs for the ready and running ones."""
+    per: dict[str, dict] = {}
+    since: dict[str, object] = {}
+    recent: dict[str, int] = {}
+    now = None
+    for module, status, n, done_recently, first_claimed, now in store.q(
+            "module_status", {"app_id": app_id, "window": RATE_WINDOW}):
+        c = per.setdefault(module, {"ready": 0, "running": 0, "ok": 0, "failed": 0, "total": 0, "codes": {}})
+        recent[module] = recent.get(module, 0) + done_recently
+        if first_claimed is not None:
+            since[module] = min(since.get(module, first_claimed), first_claimed)
+        if status is None:
+            continue
         c["total"] += n
         if status == 0:
             c["ok"] += n
@@ -159,6 +167,12 @@ def _counts(store, app_id: int) -> dict[str, dict[str, int]]:
             c["ready"] += n
         else:
             c["failed"] += n
+            c["codes"][str(status)] = n
+    for module, c in per.items():
+        window = min(RATE_WINDOW, (now - since[module]).total_seconds()) if module in since else 0.0
+        c["rate"] = recent[module] / window if window > 0 else 0.0
+        left = c["ready"] + c["running"]
+        c["eta_seconds"] = 0.0 if not left else left / c["rate"] if c["rate"] else None
     return per
 
 
@@ -362,16 +376,39 @@ def app_list(ctx, limit, as_json):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def app_show(ctx, app_id, as_json):
-    """Per-module task counts, status and result of one app."""
+    """Per-module task counts by state, failures by code, rates, ETA and result of one app."""
     store = _store(ctx)
     summary = _summary(store, app_id)
     if as_json:
         return emit_json(summary)
-    _print_summary(summary)
-    from .progress import table
-    table(["module", "total", "ready", "running", "ok", "failed"],
-          [[m, c["total"], c["ready"], c["running"], c["ok"], c["failed"]]
-           for m, c in summary["modules"].items()])
+    from .progress import print_app
+    print_app(summary)
+
+
+@app.command("watch")
+@click.argument("app_id", type=int)
+@click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print one frame and exit (also what happens when stdout is "
+              "not a terminal).")
+@click.pass_context
+def app_watch(ctx, app_id, interval, once):
+    """Live view of an app: a table with progress bars per module, refreshed until the
+    app ends (Ctrl-C stops watching; the app goes on)."""
+    store = _store(ctx)
+    _app_row(store, app_id)
+    from .progress import watch_app
+    watch_app(lambda: store.retrying(lambda: _summary(store, app_id), what="read app status"),
+              interval=max(interval, 0.2), once=once, ended=lambda s: s["status"] in TERMINAL)
+
+
+# What each state change does to the app's worker pools.
+_POOL_EFFECT = {
+    "PAUSED": "{started} running worker(s) finish their current task and exit; {pending} queued worker "
+              "job(s) are cancelled by the controller; ready tasks wait",
+    "RUNNING": "the controller starts workers for the ready tasks again",
+    "CANCELLED": "{started} running worker(s) stop their programs and exit; {pending} queued worker "
+                 "job(s) are cancelled by the controller",
+}
 
 
 def _set_status(ctx, app_id: int, status: str, from_states: list[str]) -> None:
@@ -380,7 +417,12 @@ def _set_status(ctx, app_id: int, status: str, from_states: list[str]) -> None:
     if not store.set_app_status(app_id, status, from_states):
         raise ScaleboxError(f"app {app_id} is {current}; only an app that is "
                             f"{' or '.join(from_states)} can become {status}")
-    click.echo(f"app {app_id}: {current} -> {status}")
+    pending, started = store.q("app_worker_counts", {"app_id": app_id}).fetchone()
+    click.echo(f"app {app_id}: {current} -> {status}: "
+               + _POOL_EFFECT[status].format(pending=pending, started=started))
+    if (status == "RUNNING" or pending) and not store.controller_running():
+        click.echo("note: no controller is running on this database; start one with "
+                   "'scalebox-hpc controller'", err=True)
 
 
 @app.command("pause")
@@ -451,30 +493,44 @@ def task_add(ctx, app_id, module, bodies, from_file, headers):
 @task.command("list")
 @click.argument("app_id", type=int)
 @click.option("--module", help="Only this module.")
-@click.option("--status", type=int, help="Only this status code (e.g. -1 READY, 0 OK, 124 timeout).")
+@click.option("--status", help="Only this status: a code (-1, 0, 124, ...) or READY, QUEUED, RUNNING, OK, "
+              "FAILED (any failure).")
+@click.option("--host", help="Only tasks whose last attempt ran on this host.")
 @click.option("--limit", default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def task_list(ctx, app_id, module, status, limit, as_json):
-    """Tasks of an app."""
+def task_list(ctx, app_id, module, status, host, limit, as_json):
+    """Tasks of an app, oldest first."""
     store = _store(ctx)
+    _app_row(store, app_id)
+    if module is not None:
+        _module_id(store, app_id, module)
+    try:
+        code, failed = parse_status(status) if status is not None else (None, False)
+    except ValueError as exc:
+        raise ScaleboxError(f"--status: {exc}") from None
     keys = ("id", "module", "status", "attempts", "body", "headers", "to_host", "host", "inserted_at",
             "finished_at")
-    rows = [dict(zip(keys, r)) for r in store.q("list_tasks", {"app_id": app_id, "module": module,
-                                                               "status": status, "limit": limit})]
+    rows = [dict(zip(keys, r)) for r in store.q("find_tasks", {
+        "app_id": app_id, "module": module, "status": code, "failed": failed, "host": host, "limit": limit})]
     if as_json:
         return emit_json(rows)
     from .progress import table
-    table(["id", "module", "status", "attempts", "body"],
-          [[r["id"], r["module"], status_name(r["status"]), r["attempts"], r["body"][:60]] for r in rows])
+    table(["id", "module", "status", "attempts", "host", "body"],
+          [[r["id"], r["module"], status_name(r["status"]), r["attempts"], r["host"] or "", r["body"][:60]]
+           for r in rows])
 
 
 @task.command("show")
 @click.argument("task_id", type=int)
+@click.option("--full", is_flag=True, help="Whole stdout/stderr (default: their last 2,000 characters).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def task_show(ctx, task_id, as_json):
-    """A task and every attempt of it, with the timestamps of each stage."""
+def task_show(ctx, task_id, as_json, full):
+    """A task and every attempt of it: the timestamps of each stage and the time between
+    them, exit code, host, worker, Slurm job, outputs and user text."""
+    from .report import STAGES, duration_text
+
     store = _store(ctx)
     cur = store.q("get_task", {"task_id": task_id})
     row = cur.fetchone()
@@ -484,6 +540,9 @@ def task_show(ctx, task_id, as_json):
     cur = store.q("task_execs", {"task_id": task_id})
     cols = [d.name for d in cur.description]
     data["executions"] = [dict(zip(cols, r)) for r in cur.fetchall()]
+    for e in data["executions"]:
+        e["durations"] = {stage: (e[end] - e[start]).total_seconds()
+                          for stage, (_label, start, end, _what) in STAGES.items() if e[start] and e[end]}
     if as_json:
         return emit_json(data)
     click.echo(f"task {data['id']} of app {data['app_id']}, module {data['module']}: "
@@ -491,32 +550,94 @@ def task_show(ctx, task_id, as_json):
     click.echo(f"  body: {data['body'][:200]}")
     click.echo(f"  headers: {json.dumps(data['headers'])}")
     for e in data["executions"]:
-        click.echo(f"  attempt {e['attempt']}: code {e['status_code']} on {e['host']} (worker {e['worker_id']})"
-                   + (f" note: {e['note']}" if e["note"] else ""))
+        where = ", ".join(f"{label} {e[key]}" for label, key in (
+            ("host", "host"), ("site", "site"), ("worker", "worker_id"), ("Slurm job", "slurm_job_id"))
+            if e[key] is not None)
+        click.echo(f"  attempt {e['attempt']}: code {e['status_code']} ({status_name(e['status_code'])})"
+                   + (f" on {where}" if where else ""))
+        if e["note"]:
+            click.echo(f"    note: {e['note']}")
         stamps = [(c[2:], e[c]) for c in cols if c.startswith("t_") and e[c] is not None]
+        stamps += [(f"user:{label}", _parse_time(value)) for label, value in e["user_timestamps"] or []]
         prev = None
         for name, ts in stamps:
-            delta = f"  +{(ts - prev).total_seconds():.3f}s" if prev else ""
-            click.echo(f"    {name:<16} {ts.isoformat()}{delta}")
-            prev = ts
+            delta = f"  +{duration_text((ts - prev).total_seconds())}" if prev and ts else ""
+            click.echo(f"    {name:<18} {ts.isoformat() if ts else '?'}{delta}")
+            prev = ts or prev
+        if e["durations"]:
+            click.echo("    stages: " + ", ".join(f"{STAGES[k][0]} {duration_text(v)}"
+                                                  for k, v in e["durations"].items()))
+        sizes = [f"{k.replace('_', ' ')} {e[k]}" for k in ("input_bytes", "output_bytes", "messages_out") if e[k]]
+        sizes += [f"{k.replace('_', ' ')} {', '.join(map(str, e[k]))}" for k in ("input_files", "output_files") if e[k]]
+        if sizes:
+            click.echo(f"    {'; '.join(sizes)}")
         for key in ("stdout", "stderr", "user_text", "auxout"):
-            if e[key]:
-                click.echo(f"    {key}: {e[key].rstrip()[-500:]}")
+            text = (e[key] or "").rstrip()
+            if text:
+                if not full and len(text) > 2000:
+                    text = f"(... {len(text) - 2000} characters before; --full shows all)\n{text[-2000:]}"
+                click.echo(f"    {key}:\n" + "\n".join(f"      {line}" for line in text.splitlines()))
+
+
+def _parse_time(value) -> datetime | None:
+    """A user timestamp as written (ISO 8601; without a zone, UTC), None if it is not one."""
+    try:
+        ts = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
 
 
 @task.command("retry")
 @click.argument("app_id", type=int)
-@click.option("--task", "task_id", type=int, help="Only this task (default: every failed task).")
+@click.option("--task", "task_ids", type=int, multiple=True, help="Only this task (repeatable).")
+@click.option("--module", help="Only tasks of this module.")
+@click.option("--code", "codes", type=int, multiple=True,
+              help="Only tasks that ended with this status code (repeatable; e.g. 1, 124, -104).")
 @click.pass_context
-def task_retry(ctx, app_id, task_id):
-    """Make failed tasks READY again."""
+def task_retry(ctx, app_id, task_ids, module, codes):
+    """Make failed tasks READY again (all of the app's, or those the options select),
+    one more attempt each."""
     store = _store(ctx)
+    status = _app_row(store, app_id)[2]
+    module_id = _module_id(store, app_id, module) if module else None
+    bad = [c for c in codes if not is_failure(c)]
+    if bad:
+        raise ScaleboxError(f"--code {bad[0]}: not a failure code (failed tasks end with an exit code above 0 "
+                            "or a system code of -100 and below)")
     with store.conn.transaction():
         store.q("reopen_app", {"app_id": app_id})
-        rows = store.q("retry_tasks", {"app_id": app_id, "task_id": task_id}).fetchall()
-        for module_id in {r[1] for r in rows}:
-            store.q("notify_module", {"module_id": module_id, "payload": "ready"})
+        rows = store.q("retry_tasks", {"app_id": app_id, "task_ids": list(task_ids) or None,
+                                       "module_id": module_id, "codes": list(codes) or None}).fetchall()
+        for mid in {r[1] for r in rows}:
+            store.q("notify_module", {"module_id": mid, "payload": "ready"})
     click.echo(f"{len(rows)} task(s) made READY again")
+    if rows and status in ("FAILED", "CANCELLED"):
+        click.echo(f"note: app {app_id} is {status}: nothing runs its tasks until it is resubmitted", err=True)
+
+
+# ---------------------------------------------------------------- report
+@main.command()
+@click.argument("app_id", type=int)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="The HTML file (default: report-APP_ID.html).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report's figures as JSON.")
+@click.pass_context
+def report(ctx, app_id, output, as_json):
+    """Write an HTML report of an app: a timeline per worker, throughput and concurrency
+    per module, stage durations, retries and failures by exit code, the slowest tasks.
+    One self-contained file (inline SVG, no JavaScript): open it anywhere, no network."""
+    from . import report as report_page
+
+    store = _store(ctx)
+    path = output or f"report-{app_id}.html"
+    started = time.monotonic()
+    data = report_page.write(store, app_id, path)
+    if as_json:
+        return click.echo(report_page.figures_json(data, indent=2))
+    t = data["totals"]
+    click.echo(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB) in {time.monotonic() - started:.1f} s: "
+               f"{t['total']:,} task(s), {t['attempts']:,} attempt(s), {t['retries']:,} retried, "
+               f"{t['failed']:,} failed")
 
 
 # ---------------------------------------------------------------- semaphores, sites, db

@@ -105,16 +105,13 @@ FROM modules m JOIN apps a ON a.id = m.app_id WHERE m.id = %(module_id)s;
 -- name: module_by_name
 SELECT id FROM modules WHERE app_id = %(app_id)s AND name = %(name)s;
 
--- name: task_counts
--- Per module and status, for progress bars and app show.
-SELECT m.name, t.status, count(*)
-FROM tasks t JOIN modules m ON m.id = t.module_id
-WHERE t.app_id = %(app_id)s GROUP BY m.name, t.status;
-
 -- name: module_demand
 -- What the controller sizes pools from: ready tasks (counted up to a cap) and live workers.
+-- Ready tasks of a HOST-BOUND module that name a to_host need a worker on that host, not
+-- just any: host_demand counts those, so they are left out here.
 SELECT m.id, m.app_id, m.name, m.site, m.slots, m.min_workers, m.worker_failures,
        (SELECT count(*) FROM (SELECT 1 FROM tasks t WHERE t.module_id = m.id AND t.status = -1
+                                AND (NOT m.host_bound OR t.to_host IS NULL)
                               LIMIT %(ready_cap)s) r) AS ready,
        (SELECT count(*) FROM workers w WHERE w.module_id = m.id
                                         AND w.status IN ('PENDING', 'RUNNING', 'DRAINING')) AS live,
@@ -124,9 +121,59 @@ WHERE a.status = 'RUNNING'
 ORDER BY m.id;
 
 -- name: create_worker
-INSERT INTO workers (module_id, site, status, lease_expires)
-VALUES (%(module_id)s, %(site)s, 'PENDING', now() + make_interval(secs => %(start_timeout)s))
+-- want_host: the host the worker is sent to (HOST-BOUND modules), NULL for anywhere.
+INSERT INTO workers (module_id, site, status, lease_expires, want_host)
+VALUES (%(module_id)s, %(site)s, 'PENDING', now() + make_interval(secs => %(start_timeout)s), %(want_host)s)
 RETURNING id;
+
+-- name: host_demand
+-- HOST-BOUND modules of running apps: ready tasks per to_host, with the module's live
+-- workers on that host (a pending one counts on the host it was sent to, want_host;
+-- 'started' only those already running there) and in all.
+WITH ready AS (
+    SELECT t.module_id, t.to_host, count(*) AS n
+    FROM tasks t JOIN modules m ON m.id = t.module_id JOIN apps a ON a.id = m.app_id
+    WHERE m.host_bound AND a.status = 'RUNNING' AND t.status = -1 AND t.to_host IS NOT NULL
+    GROUP BY t.module_id, t.to_host
+), live AS (
+    SELECT w.module_id, coalesce(w.host, w.want_host) AS host, count(*) AS n,
+           count(*) FILTER (WHERE w.status <> 'PENDING') AS started
+    FROM workers w
+    WHERE w.module_id IN (SELECT module_id FROM ready) AND w.status IN ('PENDING', 'RUNNING', 'DRAINING')
+    GROUP BY 1, 2
+)
+SELECT m.id, m.app_id, m.name, m.site, m.slots, coalesce(m.definition->>'host_fallback', 'fail'),
+       r.to_host, r.n,
+       coalesce((SELECT l.n FROM live l WHERE l.module_id = m.id AND l.host = r.to_host), 0) AS there,
+       coalesce((SELECT l.started FROM live l WHERE l.module_id = m.id AND l.host = r.to_host), 0) AS started,
+       coalesce((SELECT sum(l.n)::bigint FROM live l WHERE l.module_id = m.id), 0) AS live
+FROM ready r JOIN modules m ON m.id = r.module_id
+ORDER BY m.id, r.to_host;
+
+-- name: fail_host_tasks
+-- host_fallback 'fail': the ready tasks waiting for a host that is gone end with a
+-- system code, each with an attempt whose note says which host and why.
+WITH t AS (
+    UPDATE tasks SET status = %(code)s, attempts = attempts + 1, worker_id = NULL, finished_at = now()
+    WHERE module_id = %(module_id)s AND to_host = %(host)s AND status = -1
+    RETURNING id, attempts, ready_at
+)
+INSERT INTO task_exec (task_id, attempt, status_code, t_ready, note)
+SELECT id, attempts, %(code)s, ready_at, %(note)s FROM t
+RETURNING task_id;
+
+-- name: unpin_host_tasks
+-- host_fallback 'anywhere': the ready tasks waiting for a host that is gone may run on
+-- any host; the program still sees where they were meant to run (header wanted_host).
+UPDATE tasks SET to_host = NULL,
+       headers = (headers - 'to_host') || jsonb_build_object('wanted_host', to_host)
+WHERE module_id = %(module_id)s AND to_host = %(host)s AND status = -1
+RETURNING id;
+
+-- name: pending_host_workers
+-- Worker rows still waiting for their job that were sent to this host for this module.
+SELECT id, slurm_job_id FROM workers
+WHERE module_id = %(module_id)s AND want_host = %(host)s AND status = 'PENDING';
 
 -- name: start_worker
 UPDATE workers SET status = 'RUNNING', host = %(host)s, ip = %(ip)s, pid = %(pid)s,
@@ -283,9 +330,14 @@ FROM task_exec e JOIN tasks t ON t.id = e.task_id LEFT JOIN workers w ON w.id = 
 WHERE e.task_id = %(task_id)s ORDER BY e.attempt;
 
 -- name: retry_tasks
--- Operator retry: final failed tasks become READY again.
+-- Operator retry: final failed tasks (an exit code, or a system code -100 and below)
+-- become READY again, each filter applying when given. One more attempt each: the
+-- retry rules still count the attempts they had.
 UPDATE tasks SET status = -1, ready_at = now(), finished_at = NULL, worker_id = NULL
-WHERE app_id = %(app_id)s AND status > 0 AND (%(task_id)s::bigint IS NULL OR id = %(task_id)s)
+WHERE app_id = %(app_id)s AND (status > 0 OR status < -9)
+  AND (%(task_ids)s::bigint[] IS NULL OR id = ANY(%(task_ids)s::bigint[]))
+  AND (%(module_id)s::bigint IS NULL OR module_id = %(module_id)s)
+  AND (%(codes)s::integer[] IS NULL OR status = ANY(%(codes)s::integer[]))
 RETURNING id, module_id;
 
 -- name: list_workers
@@ -350,3 +402,140 @@ SELECT pg_notify(%(channel)s, %(payload)s);
 -- name: probe_listen
 -- The channel is made by 'site check' from a random hex token: safe to splice in.
 LISTEN {channel};
+
+-- name: module_status
+-- Per module and task status, for 'app show' / 'app watch' / progress: how many, how
+-- many finished in the last `window` seconds, and when the module's work began.
+SELECT m.name, t.status, count(t.id),
+       count(*) FILTER (WHERE t.finished_at > now() - make_interval(secs => %(window)s)),
+       min(t.claimed_at), now()
+FROM modules m LEFT JOIN tasks t ON t.module_id = m.id
+WHERE m.app_id = %(app_id)s
+GROUP BY m.id, m.name, t.status
+ORDER BY m.id, t.status;
+
+-- name: app_worker_counts
+-- The app's live workers: queued (job not started) and started.
+SELECT count(*) FILTER (WHERE w.status = 'PENDING'),
+       count(*) FILTER (WHERE w.status IN ('RUNNING', 'DRAINING'))
+FROM workers w JOIN modules m ON m.id = w.module_id
+WHERE m.app_id = %(app_id)s AND w.status IN ('PENDING', 'RUNNING', 'DRAINING');
+
+-- Report (scalebox_hpc/report.py). The app's attempts are copied once, narrowed to the
+-- columns the report aggregates, into a temporary table that its transaction drops;
+-- every figure is then one aggregate over it, so a run of a million tasks is read once.
+
+-- name: report_snapshot
+-- Every figure of a report from one snapshot: they agree even while the app runs.
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ;
+
+-- name: report_session
+SET LOCAL work_mem = '64MB';
+
+-- name: report_exec_table
+-- The stage durations of report.STAGES: ready -> claimed (queue wait), claimed ->
+-- received (held in the worker's claimed batch), check hook, stage-in, program,
+-- stage-out, stage-out end -> completion committed (batched), cross-site forward.
+-- Times in epoch seconds; t_start .. t_end is the attempt's time on its worker.
+CREATE TEMP TABLE report_exec ON COMMIT DROP AS
+SELECT e.task_id, e.attempt, e.status_code AS code, e.worker_id, t.module_id,
+       t.status AS final_status, t.attempts AS task_attempts,
+       date_part('epoch', coalesce(e.t_received, e.t_claimed)) AS t_start,
+       date_part('epoch', coalesce(e.t_stageout_end, e.t_completed)) AS t_end,
+       date_part('epoch', e.t_claimed - e.t_ready) AS queue_wait,
+       date_part('epoch', e.t_received - e.t_claimed) AS batch_wait,
+       date_part('epoch', e.t_check_end - e.t_check_start) AS check_hook,
+       date_part('epoch', e.t_stagein_end - e.t_stagein_start) AS stage_in,
+       date_part('epoch', e.t_program_end - e.t_program_start) AS run,
+       date_part('epoch', e.t_stageout_end - e.t_stageout_start) AS stage_out,
+       date_part('epoch', e.t_completed - e.t_stageout_end) AS committing,
+       date_part('epoch', e.t_forward_end - e.t_forward_start) AS forward
+FROM task_exec e JOIN tasks t ON t.id = e.task_id
+WHERE t.app_id = %(app_id)s;
+
+-- name: report_analyze
+ANALYZE report_exec;
+
+-- name: report_span
+SELECT min(t_start), max(greatest(t_end, t_start)) FROM report_exec WHERE t_start IS NOT NULL AND t_end IS NOT NULL;
+
+-- name: report_module_attempts
+SELECT module_id, count(*), count(*) FILTER (WHERE attempt > 1), count(*) FILTER (WHERE code <> 0),
+       count(*) FILTER (WHERE code = 123), coalesce(sum(run), 0),
+       coalesce(sum(greatest(t_end - t_start, 0)), 0)
+FROM report_exec GROUP BY module_id;
+
+-- name: report_stage_buckets
+-- One stage's durations ({stage}: a report_exec column, spliced in as an identifier) per
+-- module in buckets of 1/200 of a decade from 1 us to 10^7 s, with count, sum, min and max
+-- of each: exact counts, totals and extremes, and percentiles within 0.6 percent. Sorting
+-- every duration instead takes several times longer; one query per stage is faster than
+-- one that unpivots them all.
+SELECT module_id, width_bucket(log(greatest({stage}, 1e-6::float8)), -6, 7, 2600),
+       count(*), sum({stage}), min({stage}), max({stage})
+FROM report_exec WHERE {stage} IS NOT NULL
+GROUP BY 1, 2;
+
+-- name: report_time_bins
+-- Attempts starting and ending in each of the time bins (width seconds from t0), per module
+-- and per worker. With the time left in the bin after each start and each end, the caller
+-- gets the exact mean number of attempts running in every bin without splitting any.
+WITH ev AS (
+    SELECT module_id, worker_id, t_start AS t, true AS is_start, NULL::boolean AS ok
+    FROM report_exec WHERE t_start IS NOT NULL AND t_end IS NOT NULL
+    UNION ALL
+    SELECT module_id, worker_id, greatest(t_end, t_start), false, code = 0
+    FROM report_exec WHERE t_start IS NOT NULL AND t_end IS NOT NULL
+), b AS (
+    SELECT *, least(greatest(floor((t - %(t0)s) / %(width)s), 0), %(bins)s - 1)::integer AS bin FROM ev
+)
+SELECT GROUPING(worker_id) = 1 AS per_module, module_id, worker_id, bin,
+       count(*) FILTER (WHERE is_start), count(*) FILTER (WHERE NOT is_start), count(*) FILTER (WHERE ok),
+       coalesce(sum(%(t0)s + (bin + 1) * %(width)s - t) FILTER (WHERE is_start), 0),
+       coalesce(sum(%(t0)s + (bin + 1) * %(width)s - t) FILTER (WHERE NOT is_start), 0)
+FROM b
+GROUP BY GROUPING SETS ((module_id, bin), (worker_id, bin));
+
+-- name: report_workers
+WITH a AS (
+    SELECT worker_id, count(*) AS attempts, sum(greatest(t_end - t_start, 0)) AS busy
+    FROM report_exec WHERE t_start IS NOT NULL AND t_end IS NOT NULL AND worker_id IS NOT NULL
+    GROUP BY worker_id
+)
+SELECT a.worker_id, w.module_id, w.host, w.site, w.slurm_job_id, w.status, a.attempts, a.busy
+FROM a JOIN workers w ON w.id = a.worker_id
+ORDER BY w.module_id, w.id;
+
+-- name: report_gantt_bars
+-- The Gantt's bars: the per_worker longest successful and longest failed attempts of each shown worker.
+SELECT task_id, attempt, worker_id, code, t_start, greatest(t_end, t_start), run
+FROM (SELECT r.*, row_number() OVER (PARTITION BY worker_id, code = 0 ORDER BY t_end - t_start DESC) AS k
+      FROM report_exec r
+      WHERE worker_id = ANY(%(worker_ids)s) AND t_start IS NOT NULL AND t_end IS NOT NULL) x
+WHERE k <= %(per_worker)s;
+
+-- name: report_exit_codes
+-- Attempts per module and exit code, and how many of them left their task in that final state.
+SELECT module_id, code, count(*), count(*) FILTER (WHERE attempt = task_attempts AND final_status = code)
+FROM report_exec GROUP BY module_id, code ORDER BY module_id, code;
+
+-- name: report_slowest
+SELECT r.task_id, r.attempt, r.module_id, r.code, w.host, r.worker_id, r.run, r.queue_wait,
+       greatest(r.t_end - r.t_start, 0), left(t.body, 80)
+FROM (SELECT * FROM report_exec WHERE run IS NOT NULL ORDER BY run DESC LIMIT %(limit)s) r
+JOIN tasks t ON t.id = r.task_id LEFT JOIN workers w ON w.id = r.worker_id
+ORDER BY r.run DESC;
+
+-- name: find_tasks
+-- 'task list': each filter applies when given; failed = any final failure code; host =
+-- where the task's last attempt ran.
+SELECT t.id, m.name AS module, t.status, t.attempts, t.body, t.headers, t.to_host,
+       w.host, t.inserted_at, t.finished_at
+FROM tasks t JOIN modules m ON m.id = t.module_id LEFT JOIN workers w ON w.id = t.worker_id
+WHERE t.app_id = %(app_id)s
+  AND (%(module)s::text IS NULL OR m.name = %(module)s)
+  AND (%(status)s::integer IS NULL OR t.status = %(status)s)
+  AND (NOT %(failed)s OR t.status > 0 OR t.status < -9)
+  AND (%(host)s::text IS NULL OR w.host = %(host)s)
+ORDER BY t.id
+LIMIT %(limit)s;
