@@ -190,10 +190,10 @@ class ContainerRuntime(HostRuntime):
     def _start_instance(self) -> None:
         os.makedirs(self.workdir, exist_ok=True)
         argv = self.client._init_command(["instance", "start"]) + \
-            ["--cleanenv", *self._bind_flags(), self.image, self.name]
+            ["--cleanenv", "--no-mount", "cwd", *self._bind_flags(), self.image, self.name]
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                                  timeout=self.pull_timeout, env=self._runtime_env({}))
+                                  timeout=self.pull_timeout, env=self._runtime_env({}), cwd=self.workdir)
         except subprocess.TimeoutExpired:
             raise ImageError(f"instance start of {self.image} took longer than {self.pull_timeout:g} s") from None
         if proc.returncode != 0:
@@ -241,5 +241,7 @@ class ContainerRuntime(HostRuntime):
         if self.mode == "instance":
             argv += ["--pwd", CONTAINER_WORK, f"instance://{self.name}"]
         else:
-            argv += ["--cleanenv", "--pwd", CONTAINER_WORK, *self._bind_flags(), self.image]
+            # --no-mount cwd: the worker's own directory has no business inside (and
+            # a cwd under /work would leave an empty mount point in WORK_DIR).
+            argv += ["--cleanenv", "--no-mount", "cwd", "--pwd", CONTAINER_WORK, *self._bind_flags(), self.image]
         return self.binary, argv + [self.inside(program), body, headers_json], self._runtime_env(task_env)
