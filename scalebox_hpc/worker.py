@@ -192,7 +192,7 @@ class Worker:
             code_path=mdef.get("code_path"), workdir=self.workdir, data_dir=str(self.data_dir),
             volumes=list(mdef.get("volumes") or []),
             cache_dir=os.path.expandvars(s.image_cache or os.path.join(s.scratch_root, "scalebox-images")),
-            name=f"sbx-{self.host}-{self.worker_id}", pull_timeout=s.pull_timeout,
+            name=f"sbx-{self.worker_id}-{os.getpid()}", pull_timeout=s.pull_timeout,
             variables=TASK_VARIABLES | set(mdef.get("environments") or {}))
 
     def _prepare_runtime(self) -> str | None:

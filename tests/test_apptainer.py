@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,8 +67,14 @@ def test_program_contract_inside_the_container(container_env, dsn, open_dir, mod
     logs = "".join(p.read_text() for p in (Path(container_env["SCALEBOX_STATE_DIR"]) / "logs").glob("worker-*.log"))
     if mode == "instance":
         assert "instance sbx-" in logs and "started" in logs
-        listing = subprocess.run(["apptainer", "instance", "list"], env=container_env, capture_output=True, text=True)
-        assert "sbx-" not in listing.stdout, "the worker left its instance running"
+        names = set(re.findall(r"instance (sbx-\S+) of", logs))
+        assert names
+
+        def stopped():   # the run ends when the app does; workers stop their instance just after
+            listing = subprocess.run(["apptainer", "instance", "list"], env=container_env,
+                                     capture_output=True, text=True).stdout
+            return not any(name in listing for name in names)
+        wait_for(stopped, timeout=30, interval=1, what="the workers' instances to stop")
     else:
         assert "instance sbx-" not in logs
 

@@ -5,7 +5,6 @@ HOST-BOUND modules: workers sent to the hosts their tasks name, host_fallback wh
 host is gone."""
 from __future__ import annotations
 
-import json
 
 import pytest
 

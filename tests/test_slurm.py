@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -19,12 +21,17 @@ from test_faults import ROUTING_APP, assert_routed_once, held_worker, query, wai
 
 
 def write_site(sites_dir, name="testcluster", *, walltime="00:30:00", drain=60, partition="main",
-               max_workers=4, per_minute=30, queued=8, max_array=None):
+               max_workers=4, per_minute=30, queued=8, max_array=None, scratch=None):
     sites_dir.mkdir(exist_ok=True)
+    if scratch is None:
+        # A scratch of this test's own (worker ids restart with every test database), which
+        # the unprivileged Apptainer user can enter.
+        scratch = tempfile.mkdtemp(prefix="sbx-test-scratch-")
+        os.chmod(scratch, 0o755)
     (sites_dir / f"{name}.yaml").write_text(f"""
 name: {name}
 scheduler: slurm
-scratch_root: /tmp
+scratch_root: {scratch}
 slurm:
   partition: {partition}
   walltime: "{walltime}"
@@ -186,16 +193,10 @@ def test_site_check(slurm_env, tmp_path):
     assert "nosuchpartition not found" in nopart["checks"][-1]["detail"]
 
 
-def node_local_scratch(site_file, root):
-    """Give each fake node a scratch of its own (they share one machine): a file left in
-    DATA_DIR on n1 is then not on n2, as on a real cluster."""
-    text = site_file.read_text().replace("scratch_root: /tmp", f"scratch_root: {root}/node-$SLURMD_NODENAME")
-    site_file.write_text(text)
-
-
 def test_local_pipeline_reads_each_file_on_the_node_that_wrote_it(slurm_env, dsn, tmp_path):
-    write_site(tmp_path / "sites", max_workers=4)
-    node_local_scratch(tmp_path / "sites" / "testcluster.yaml", tmp_path)
+    # Each fake node gets a scratch of its own (they share one machine): a file left in
+    # DATA_DIR on n1 is then not on n2, as on a real cluster.
+    write_site(tmp_path / "sites", max_workers=4, scratch=f"{tmp_path}/node-$SLURMD_NODENAME")
     proc = cli(slurm_env, "run", "--json", "--site", "testcluster", EXAMPLES / "local-pipeline")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
