@@ -52,6 +52,8 @@ class ModuleDef:
     free_space_gb: float | None = None     # claim only with this much free on scratch
     dir_quota_gb: float | None = None      # claim only while DATA_DIR holds less than this
     site: str | None = None
+    forward_mode: str = "stream"           # files for other sites: one tar stream over ssh, or sftp per file
+    forward_retries: int = 3               # tries of a forward after the first, before the attempt fails (-107)
     task_batch_size: int | None = None
     idle_seconds: float | None = None
     check: str | None = None
@@ -511,6 +513,8 @@ class _AppParser:
             "free_space_gb": lambda e: self.number(e, 0),
             "dir_quota_gb": lambda e: self.number(e, 0),
             "site": self.text,
+            "forward_mode": self.forward_mode,
+            "forward_retries": lambda e: self.integer(e, 0),
             "task_batch_size": lambda e: self.integer(e, 1),
             "idle_seconds": lambda e: self.number(e, 0),
             "stdout_limit": lambda e: self.integer(e, 0),
@@ -639,6 +643,12 @@ class _AppParser:
         value = (self.text(entry) or "exec").strip()
         if value not in ("exec", "instance"):
             raise self.error(f"unknown container_mode '{value}' (use exec or instance)", entry.key, entry.line)
+        return value
+
+    def forward_mode(self, entry: _Entry) -> str:
+        value = (self.text(entry) or "stream").strip()
+        if value not in ("stream", "sftp"):
+            raise self.error(f"unknown forward_mode '{value}' (use stream or sftp)", entry.key, entry.line)
         return value
 
     def volumes(self, entry: _Entry) -> list[str]:

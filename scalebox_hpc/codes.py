@@ -9,7 +9,8 @@ MEANINGS = {
     126: "program not executable", 127: "program not found", -101: "malformed task file",
     -102: "output message with no destination", -103: "WORK_DIR could not be made",
     -104: "container image not found / not pulled / not started", -105: "node-local scratch full",
-    -106: "the task's to_host is gone",
+    -106: "the task's to_host is gone", -107: "forward to another site failed",
+    -108: "path in a message refused (leaves its directory)",
 }
 
 

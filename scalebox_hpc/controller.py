@@ -10,6 +10,7 @@ moment; a database outage only pauses it.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -20,7 +21,7 @@ import psycopg
 
 from .db.store import Store
 from .errors import DatabaseUnavailable
-from .sites import LiveWorker, Site, make_sites
+from .sites import LiveWorker, Site, make_sites, site_record
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ class Controller:
             self.recover_after = time.monotonic() + self.settings.lease_seconds
             log.info("controller active on %s (pid %s)", socket.gethostname(), os.getpid())
             for name, site in self.sites.items():
-                self.store.q("upsert_site", {"name": name, "kind": site.kind, "config": "{}"})
+                self.store.q("upsert_site", {"name": name, "kind": site.kind,
+                                             "config": json.dumps(site_record(site))})
 
     def step(self) -> dict:
         """One pass; returns what it did (for logs and tests)."""
@@ -84,6 +86,7 @@ class Controller:
                 if recovered:
                     log.info("recovered %d task(s) from %d lost worker(s)", recovered, len(lost))
             self._size_pools(report)
+            self._write_site_status()
             self._cancel_unneeded()
             report["finished"] = self.store.finish_apps()
             for app_id in report["finished"]:
@@ -109,6 +112,11 @@ class Controller:
                 log.info("site %s: worker(s) %s gone", name, sorted(gone))
             still = [w for w in live if w.id not in gone]
             self.site_load[name] = (len(still), sum(w.status == "PENDING" for w in still))
+        self._write_site_status()
+
+    def _write_site_status(self) -> None:
+        """Record each site's OK/DEGRADED state where 'site list' reads it, when it changed."""
+        for name, site in self.sites.items():
             if (site.status, site.reason) != self.site_status.get(name):
                 self.store.q("set_site_status", {"name": name, "status": site.status, "reason": site.reason})
                 self.site_status[name] = (site.status, site.reason)

@@ -93,7 +93,8 @@ def check_batch(site, dsn: str, *, timeout: float, progress=lambda text: None) -
     cli = site.scheduler
     try:
         jobs = cli.jobs(site.prefix)
-        checks.append(Check("slurm", True, f"squeue answers ({len(jobs)} job(s) of this site in the queue)"))
+        how = f" on {site.config.ssh.where} over SSH" if site.config.ssh else ""
+        checks.append(Check("slurm", True, f"squeue answers{how} ({len(jobs)} job(s) of this site in the queue)"))
     except SchedulerError as exc:
         checks.append(Check("slurm", False, str(exc)))
         return checks
@@ -113,9 +114,9 @@ def check_batch(site, dsn: str, *, timeout: float, progress=lambda text: None) -
             "--scratch", site.config.scratch_root or "${TMPDIR:-/tmp}"]
     try:
         env = site.worker_env()
-        os.makedirs(site.settings.log_dir, exist_ok=True)
+        site.ensure_log_dir()
         script = render_worker_script(site.config, job_name=f"{site.prefix}probe", worker_argv=argv, env=env,
-                                      log_dir=site.settings.log_dir)
+                                      log_dir=site.log_dir)
         checks.append(Check("job script", True, "rendered"))
     except Exception as exc:  # noqa: BLE001 - reported as the failed check, whatever it is
         checks.append(Check("job script", False, str(exc)))
@@ -182,7 +183,7 @@ def _safe_jobs(site) -> dict:
 
 def _job_error(site, job: str) -> str:
     """The last line of the probe job's stderr, when the log directory is visible here."""
-    path = os.path.join(site.settings.log_dir, f"{site.prefix}probe-{job}.err")
+    path = os.path.join(site.log_dir, f"{site.prefix}probe-{job}.err")
     try:
         with open(path, errors="replace") as fh:
             lines = [line.strip() for line in fh if line.strip()]

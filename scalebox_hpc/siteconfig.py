@@ -22,10 +22,13 @@ from psycopg.conninfo import conninfo_to_dict
 
 from .appdef import _AppParser, _describe, _Entry, _Map, _parse_yaml
 from .errors import ConfigError
+from .ssh import SSHSettings, parse_jump
 
 SCHEDULERS = ("local", "slurm")
 RUNTIMES = ("host", "apptainer", "singularity")
-SSH_KEYS = ("host", "port", "user", "key", "jump", "known_hosts", "control_persist")
+SSH_KEYS = ("host", "port", "user", "key", "jump", "known_hosts", "control_path", "control_persist",
+            "login_shell", "connect_timeout")
+_HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*")
 WORKER_TEMPLATE = "worker.sbatch.j2"
 
 _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -84,14 +87,15 @@ class SiteConfig:
     runtime: str | None = None         # None: apptainer or singularity, whichever the node has
     image_cache: str | None = None
     scratch_root: str | None = None    # may hold $VARS, expanded on the node at run time
-    inbox: str | None = None
+    inbox: str | None = None           # where data forwarded from other sites arrives (on the site)
+    log_dir: str | None = None         # worker job output (on the site); None: the controller's
     python: str | None = None          # None: the controller's sys.executable
     template: str | None = None        # absolute path of an override template
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
     pool: PoolSettings = field(default_factory=PoolSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     env: dict[str, str] = field(default_factory=dict)
-    ssh: dict | None = None            # stored as given; validated when remote sites arrive
+    ssh: SSHSettings | None = None     # None: Slurm commands run on this machine
     line: int = 0
 
 
@@ -150,9 +154,14 @@ class _SiteParser(_AppParser):
         for key, choices in (("scheduler", SCHEDULERS), ("runtime", RUNTIMES)):
             if key in entries:
                 setattr(site, key, self.choice(entries[key], choices))
-        for key in ("image_cache", "scratch_root", "inbox", "python"):
+        for key in ("image_cache", "scratch_root", "inbox", "python", "log_dir"):
             if key in entries:
                 setattr(site, key, self.line_text(entries[key]))
+        for key in ("inbox", "log_dir"):
+            value = getattr(site, key)
+            if value and not os.path.isabs(value):
+                raise self.error(f"'{value}' is not an absolute path: give the directory as seen on the "
+                                 "site's nodes", key, entries[key].line)
         if "template" in entries:
             site.template = self.template(entries["template"])
         if "env" in entries:
@@ -294,12 +303,68 @@ class _SiteParser(_AppParser):
             values[key] = "" if value is None else self.scalar(value, sub)
         return values
 
-    def ssh(self, entry: _Entry) -> dict | None:
+    def ssh(self, entry: _Entry) -> SSHSettings | None:
         if entry.value is None:
             return None
-        settings = self.mapping(entry)
-        self.collect(settings, entry.key, {key: key for key in SSH_KEYS}, {})
-        return dict(settings)
+        entries = self.collect(self.mapping(entry), entry.key, {key: key for key in SSH_KEYS}, {})
+        if "host" not in entries:
+            raise self.error("'host' is missing: the login node to run sbatch on", entry.key, entry.line)
+        settings = SSHSettings(host=self.host_name(entries["host"]))
+        for key, sub in entries.items():
+            if key in ("port",):
+                settings.port = self.integer(sub, 1) or 22
+                if settings.port > 65535:
+                    raise self.error(f"port {settings.port} is not a TCP port", sub.key, sub.line)
+            elif key == "user":
+                settings.user = self.script_value(sub)
+            elif key in ("key", "known_hosts", "control_path"):
+                value = self.line_text(sub)
+                if value and not os.path.isabs(os.path.expanduser(value)):
+                    raise self.error(f"'{value}' is not an absolute path (or ~/...)", sub.key, sub.line)
+                if key == "key" and value and not os.path.isfile(os.path.expanduser(value)):
+                    raise self.error(f"key file {value} not found (a private key; scalebox-hpc never uses "
+                                     "passwords)", sub.key, sub.line)
+                setattr(settings, key, value)
+            elif key == "control_persist":
+                settings.control_persist = self.integer(sub, 0) or 0
+            elif key == "connect_timeout":
+                settings.connect_timeout = self.number(sub, 1) or settings.connect_timeout
+            elif key == "login_shell":
+                if not isinstance(sub.value, bool):
+                    raise self.error(f"expected true or false, got {_describe(sub.value)}", sub.key, sub.line)
+                settings.login_shell = sub.value
+            elif key == "jump":
+                settings.jump = self.jump(sub)
+        return settings
+
+    def host_name(self, entry: _Entry) -> str:
+        value = (self.text(entry) or "").strip()
+        if not _HOST.fullmatch(value):
+            raise self.error(f"invalid host name {value!r}", entry.key, entry.line)
+        return value
+
+    def jump(self, entry: _Entry) -> SSHSettings | None:
+        if entry.value is None:
+            return None
+        if isinstance(entry.value, str):
+            try:
+                jump = parse_jump(entry.value.strip())
+            except ValueError as exc:
+                raise self.error(str(exc), entry.key, entry.line) from None
+            if not _HOST.fullmatch(jump.host):
+                raise self.error(f"invalid host name {jump.host!r}", entry.key, entry.line)
+            return jump
+        entries = self.collect(self.mapping(entry), entry.key, {k: k for k in ("host", "port", "user", "key")}, {})
+        if "host" not in entries:
+            raise self.error("'host' is missing", entry.key, entry.line)
+        jump = SSHSettings(host=self.host_name(entries["host"]))
+        if "port" in entries:
+            jump.port = self.integer(entries["port"], 1) or 22
+        if "user" in entries:
+            jump.user = self.script_value(entries["user"])
+        if "key" in entries:
+            jump.key = self.line_text(entries["key"])
+        return jump
 
     def template(self, entry: _Entry) -> str | None:
         value = self.line_text(entry)

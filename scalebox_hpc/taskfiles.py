@@ -70,6 +70,9 @@ class SinkMessage:
     headers: dict = field(default_factory=dict)
 
 
+FILES_HEADER = "files"
+
+
 def _is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
@@ -80,7 +83,14 @@ def _check_headers(headers: Any, filename: str, lineno: int) -> dict:
                           f"headers are a JSON {type(headers).__name__}, not an object",
                           HEADERS_FORMAT)
     for key, value in headers.items():
-        if not _is_scalar(value):
+        if key == FILES_HEADER:
+            # The files a message hands on (forwarded when its module is at another site).
+            if isinstance(value, str):
+                headers[key] = value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise _line_error(filename, lineno, f"header \"files\" must be a path or a list of paths, "
+                                  f"got {_show(value)}", '"files": ["out/a.dat", "b.dat"]')
+        elif not _is_scalar(value):
             raise _line_error(filename, lineno,
                               f"header {_quote(key)} has a non-scalar value {_show(value)}",
                               HEADERS_FORMAT)

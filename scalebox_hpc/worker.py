@@ -33,6 +33,9 @@ CODE_NO_DESTINATION = -102   # output messages with no sink module and no main_r
 CODE_WORKDIR = -103          # WORK_DIR could not be made
 CODE_IMAGE = -104            # the container image cannot be found, pulled or started
 CODE_SCRATCH_FULL = -105     # node-local scratch ran out of space
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGHUP}
+CODE_FORWARD = -107          # files for another site could not be forwarded (after retries)
+CODE_PATH_REFUSED = -108     # a message names a path outside where it must stay ('..', absolute)
 MIN_FREE_BYTES = 16 << 20    # below this, scratch counts as full
 # Variables a container gets (it starts from a clean environment), besides 'environments'.
 TASK_VARIABLES = {"WORK_DIR", "DATA_DIR", "APP_ID", "MODULE_NAME", "MODULE_ID", "TASK_ID", "ATTEMPT", "SITE",
@@ -154,7 +157,11 @@ class Worker:
          appdef) = row
         self.mdef = mdef
         self.rules = [tuple(r) for r in mdef.get("retry_rules") or []]
-        self.modules = {name: mid for mid, name, *_ in self.store.q("app_modules", {"app_id": self.app_id})}
+        self.modules, self.module_sites = {}, {}
+        for mid, name, site, *_ in self.store.q("app_modules", {"app_id": self.app_id}):
+            self.modules[name] = mid
+            self.module_sites[mid] = site
+        self.site_records: dict[str, dict] | None = None    # sites table, read at the first forward
         self.main_router = appdef.get("main_router")
         self.program = mdef.get("command")
         limit = int(mdef.get("stdout_limit") or self.settings.stdout_limit)
@@ -462,6 +469,12 @@ class Worker:
             names = set()
         if body_file is not None:
             body_file.unlink(missing_ok=True)
+        if code - 128 in _STOP_SIGNALS and not prog.timed_out and not self.terminated:
+            # A job's end signals every process of it a moment apart: a program killed by
+            # such a signal may be seen dead before the worker's own signal arrives.
+            deadline = time.monotonic() + 1.0
+            while not self.terminated and time.monotonic() < deadline:
+                time.sleep(0.02)
         if code != 0 and self.terminated and not prog.timed_out:
             # scancel, preemption or the walltime signalled the whole job, the program
             # with it: the attempt was lost to the job's end, not failed, and is retried
@@ -486,10 +499,91 @@ class Worker:
             if record.get("output_bytes") is None:
                 record["output_bytes"] = taskfiles.sum_file_sizes(left, workdir)
         record["t_stageout_end"] = utcnow()
+        if code == 0 and result.messages:
+            code = self._forward(workdir, task, result)
         record["status_code"] = code
         result.code = code
         self._cleanup(workdir, code, task, names)
         return result
+
+    # -- forwarding to other sites --------------------------------------------------------
+    def _forward(self, workdir: str, task: ClaimedTask, result: TaskResult) -> int:
+        """Send the files of messages bound for modules at other sites into those sites'
+        inboxes, before anything is committed; the messages then name the forwarded
+        paths. A failure (after the transfer's own retries) fails the attempt and
+        commits none of its messages."""
+        from . import transfer
+        by_site: dict[str, list[Message]] = {}
+        for msg in result.messages:
+            site = self.module_sites.get(msg.module_id)
+            if site and site != self.site:
+                by_site.setdefault(site, []).append(msg)
+        if not by_site:
+            return 0
+        record = result.record
+        declared = record.get("output_files") or []
+        forwards = []
+        record["t_forward_start"] = utcnow()
+        try:
+            for site, messages in by_site.items():
+                target = self._site_record(site)
+                wanted = {id(m): m.headers["files"] for m in messages if "files" in m.headers}
+                if not wanted and declared:
+                    wanted = {id(m): list(declared) for m in messages}
+                if not wanted:
+                    continue          # messages only: nothing to carry
+                if not target.get("inbox"):
+                    raise transfer.TransferError(f"site {site} has no inbox for forwarded files: set 'inbox' "
+                                                 "in its site config")
+                for m in messages:
+                    files = wanted.get(id(m))
+                    if files is not None and (not isinstance(files, list) or not all(isinstance(f, str) for f in files)):
+                        raise transfer.PathRefused(f"header 'files' of a message to {site} must be a list of paths")
+                roots = {m.headers.get("files_root") for m in messages if id(m) in wanted}
+                if len(roots) > 1:
+                    raise transfer.PathRefused("messages of one task to one site name different files_root headers")
+                paths = list(dict.fromkeys(f for files in wanted.values() for f in files))
+                items, names = transfer.plan(paths, workdir, roots.pop())
+                dest = f"app-{self.app_id}/task-{task.id}"
+
+                def retrying(attempt, exc, site=site):
+                    log.warning("task %s: forward to site %s failed (try %d), sending again: %s",
+                                task.id, site, attempt, exc)
+
+                sent = transfer.send(target, dest, items, mode=self.mdef.get("forward_mode") or "stream",
+                                     retries=int(self.mdef.get("forward_retries", 3)), on_retry=retrying)
+                forwards.append({"site": site, **sent})
+                for m in messages:
+                    files = wanted.get(id(m))
+                    if files is None:
+                        continue
+                    moved = {f: f"{sent['path']}/{names[f]}" for f in files}
+                    headers = {k: v for k, v in m.headers.items() if k != "files_root"}
+                    m.headers = {**headers, "files": [moved[f] for f in files], "inbox_dir": sent["path"]}
+                    if m.body in moved:
+                        m.body = moved[m.body]
+        except (transfer.TransferError, transfer.PathRefused) as exc:
+            code = CODE_PATH_REFUSED if isinstance(exc, transfer.PathRefused) else CODE_FORWARD
+            record["t_forward_end"] = utcnow()
+            record["note"] = str(exc)
+            record["stderr"] = record.get("stderr", "") + f"\nscalebox-hpc: {exc}\n"
+            record["forwards"] = forwards or None
+            result.messages, result.semaphores, result.app_result = [], [], None
+            log.error("task %s: %s", task.id, exc)
+            return code
+        record["t_forward_end"] = utcnow()
+        if forwards:
+            record["forwards"] = forwards
+            record["forward_bytes"] = sum(f["bytes"] for f in forwards)
+            record["forward_files"] = sum(f["files"] for f in forwards)
+        return 0
+
+    def _site_record(self, site: str) -> dict:
+        if self.site_records is None or site not in self.site_records:
+            rows = self._db(lambda: self.store.q("site_configs", {}).fetchall(), "read site configs",
+                            finishing=True)
+            self.site_records = {name: config or {} for name, config in rows}
+        return self.site_records.get(site, {})
 
     def _system_failure(self, result: TaskResult, code: int, note: str, workdir: str, task: ClaimedTask,
                         names: set[str]) -> TaskResult:

@@ -68,7 +68,8 @@ COPY task_exec (task_id, attempt, status_code, worker_id, t_ready, t_claimed, t_
                 t_check_start, t_check_end, t_stagein_start, t_stagein_end,
                 t_program_start, t_program_end, t_stageout_start, t_stageout_end,
                 t_forward_start, t_forward_end, user_timestamps, stdout, stderr, user_text,
-                auxout, input_bytes, output_bytes, input_files, output_files, messages_out, note)
+                auxout, input_bytes, output_bytes, input_files, output_files, messages_out, note,
+                forward_bytes, forward_files, forwards)
 FROM STDIN;
 
 -- name: reopen_app
@@ -325,7 +326,8 @@ SELECT e.attempt, e.status_code, e.worker_id, w.site, w.host, w.ip, w.slurm_job_
        e.t_stagein_start, e.t_stagein_end, e.t_program_start, e.t_program_end,
        e.t_stageout_start, e.t_stageout_end, e.t_sink_committed, e.t_completed,
        e.t_forward_start, e.t_forward_end, e.user_timestamps, e.stdout, e.stderr, e.user_text,
-       e.auxout, e.input_bytes, e.output_bytes, e.input_files, e.output_files, e.messages_out, e.note
+       e.auxout, e.input_bytes, e.output_bytes, e.input_files, e.output_files, e.messages_out, e.note,
+       e.forward_bytes, e.forward_files, e.forwards
 FROM task_exec e JOIN tasks t ON t.id = e.task_id LEFT JOIN workers w ON w.id = e.worker_id
 WHERE e.task_id = %(task_id)s ORDER BY e.attempt;
 
@@ -349,6 +351,9 @@ WHERE m.app_id = %(app_id)s ORDER BY w.id;
 -- name: upsert_site
 INSERT INTO sites (name, kind, config) VALUES (%(name)s, %(kind)s, %(config)s)
 ON CONFLICT (name) DO UPDATE SET kind = EXCLUDED.kind, config = EXCLUDED.config, updated_at = now();
+
+-- name: site_configs
+SELECT name, config FROM sites;
 
 -- name: list_sites
 SELECT name, kind, status, status_reason, updated_at FROM sites ORDER BY name;

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 # Columns a worker or the controller fills in a task_exec row, as the COPY names them.
 EXEC_COLUMNS = tuple(re.search(r"\((.*?)\)", QUERIES["copy_task_exec"], re.S).group(1).replace(",", " ").split())
-_JSON_COLUMNS = {"user_timestamps", "input_files", "output_files"}
+_JSON_COLUMNS = {"user_timestamps", "input_files", "output_files", "forwards"}
 
 LOST_CODE = 123
 

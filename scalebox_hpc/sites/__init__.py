@@ -60,13 +60,30 @@ class Site:
         pass
 
 
+def site_record(site: Site) -> dict:
+    """What workers elsewhere need to forward data to this site (the sites table's
+    config column): its inbox, its python and how to reach its login node."""
+    config = getattr(site, "config", None)
+    if config is None:
+        return {}
+    return {"inbox": config.inbox, "python": config.python,
+            "ssh": config.ssh.as_dict() if config.ssh else None}
+
+
 def make_sites(settings) -> dict[str, Site]:
     """The built-in local site plus every site config in the sites directory."""
     from ..siteconfig import load_sites
     from .local import LocalSite
-    from .slurm import BatchSite
+    from .slurm import BatchSite, SlurmCLI, SSHRunner
 
     sites: dict[str, Site] = {"local": LocalSite(settings)}
     for name, config in load_sites(settings.sites_dir).items() if settings.sites_dir else ():
-        sites[name] = BatchSite(config, settings) if config.scheduler == "slurm" else LocalSite(settings, config)
+        if config.scheduler != "slurm":
+            sites[name] = LocalSite(settings, config)
+            continue
+        scheduler = None
+        if config.ssh:
+            from ..ssh import connect
+            scheduler = SlurmCLI(SSHRunner(connect(config.ssh, site=name)))
+        sites[name] = BatchSite(config, settings, scheduler)
     return sites

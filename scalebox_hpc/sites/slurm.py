@@ -16,6 +16,7 @@ import shlex
 import subprocess
 import sys
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, replace
 
@@ -55,6 +56,42 @@ class LocalRunner:
         return proc.stdout
 
 
+class TransportError(SchedulerError):
+    """The way to the site failed (not the command). ``unsure``: the command may have run."""
+
+    def __init__(self, message: str, unsure: bool):
+        super().__init__(message)
+        self.unsure = unsure
+        self.host_key = False
+
+
+class SSHRunner:
+    """Runs the scheduler's commands on a site's login node over one reused SSH connection."""
+
+    def __init__(self, connection, timeout: float = 60.0):
+        self.connection = connection
+        self.timeout = timeout
+        self.calls: dict[str, int] = {}
+
+    def __call__(self, argv: list[str], input: str | None = None) -> str:
+        from ..ssh import HostKeyError, SSHError
+        self.calls[argv[0]] = self.calls.get(argv[0], 0) + 1
+        try:
+            status, out, err = self.connection.run(argv, input.encode() if input else None, self.timeout)
+        except SSHError as exc:
+            error = TransportError(str(exc), unsure=exc.sent)
+            error.host_key = isinstance(exc, HostKeyError)
+            raise error from None
+        if status != 0:
+            detail = (err or out).strip().splitlines()
+            raise SchedulerError(f"{shlex.join(argv[:2])} failed on {self.connection.settings.host} (exit "
+                                 f"{status}): {detail[-1] if detail else 'no output'}")
+        return out
+
+    def close(self) -> None:
+        self.connection.close()
+
+
 @dataclass
 class Job:
     id: str
@@ -76,11 +113,38 @@ class SlurmCLI:
         self.run = runner or LocalRunner()
 
     def submit(self, script: str) -> str:
-        out = self.run(["sbatch", "--parsable"], input=script).strip()
+        # The comment marks this very submission: if the connection drops while sbatch
+        # runs, the queue tells whether it went in, so it is neither lost nor made twice.
+        token = f"sbx-{uuid.uuid4().hex[:20]}"
+        try:
+            out = self.run(["sbatch", "--parsable", f"--comment={token}"], input=script).strip()
+        except TransportError as exc:
+            if not exc.unsure:
+                raise
+            job_id = self._submitted(token, exc)
+            log.warning("sbatch's answer was lost (%s); the queue shows it submitted job %s", exc, job_id)
+            return job_id
         job_id = out.split(";")[0]               # "ID" or "ID;cluster"
         if not re.fullmatch(r"\d+", job_id):
             raise SchedulerError(f"sbatch answered {out!r}, not a job id")
         return job_id
+
+    def _submitted(self, token: str, cause: Exception, tries: int = 4) -> str:
+        """The job sbatch made with this comment, asked of the queue after a lost answer.
+        Raises SchedulerError when it is not there (nothing was submitted)."""
+        for attempt in range(tries):
+            time.sleep(min(8.0, 1.0 * 2 ** attempt))
+            try:
+                out = self.run(["squeue", "--me", "-h", "-t", "all", "-o", "%A|%k"])
+            except TransportError:
+                continue
+            for line in out.splitlines():
+                job, _, comment = line.strip().partition("|")
+                if comment == token:
+                    return job
+            raise SchedulerError(f"{cause}; no job with comment {token} is in the queue, so nothing was submitted")
+        # Whether it went in is unknown: if it did, its workers find their rows released and leave.
+        raise SchedulerError(f"{cause}; the queue could not be asked whether it was submitted")
 
     def jobs(self, name_prefix: str) -> dict[str, Job]:
         """Our active jobs, array elements one by one (``-r``), in one squeue call."""
@@ -183,6 +247,30 @@ class BatchSite(Site):
         self.node_view: dict[str, tuple[str, str]] | None = None   # sinfo: node -> (state, reason)
         self.node_view_at: float | None = None
         self.refused_hosts: dict[str, str] = {}   # host -> why sbatch refused a --nodelist job for it
+        self._log_dir_made = False
+
+    @property
+    def log_dir(self) -> str:
+        """Where worker jobs write their output: the site's log_dir, else the controller's
+        (a site reached over SSH must name its own: the controller's disk is not there)."""
+        return self.config.log_dir or self.settings.log_dir
+
+    def ensure_log_dir(self) -> None:
+        if self._log_dir_made:
+            return
+        if self.config.ssh:
+            if not self.config.log_dir:
+                raise SchedulerError(f"site {self.name} is reached over SSH: set log_dir in {self.config.path} "
+                                     "to a directory on the site")
+            self.scheduler.run(["mkdir", "-p", self.config.log_dir])
+        else:
+            os.makedirs(self.log_dir, exist_ok=True)
+        self._log_dir_made = True
+
+    def close(self) -> None:
+        close = getattr(getattr(self.scheduler, "run", None), "close", None)
+        if close:
+            close()
 
     def unfit(self, module: dict) -> str | None:
         # Workers claim a task only if its task_max_seconds fits in what is left of the
@@ -221,6 +309,9 @@ class BatchSite(Site):
         return min(left, 1) if self.status == "DEGRADED" else left
 
     def _failed(self, exc: Exception) -> None:
+        if getattr(exc, "host_key", False):
+            # A host key that is unknown or changed does not heal by itself: degraded at once.
+            self.failures = max(self.failures, self.FAILURES_TO_DEGRADE - 1)
         self.failures += 1
         if self.failures >= self.FAILURES_TO_DEGRADE:
             backoff = min(600.0, 30.0 * 2 ** (self.failures - self.FAILURES_TO_DEGRADE))
@@ -266,7 +357,15 @@ class BatchSite(Site):
 
         Returns the Slurm job id of each worker submitted; rows missing from it were
         not submitted (the controller releases them)."""
-        os.makedirs(self.settings.log_dir, exist_ok=True)   # Slurm writes job output there
+        try:
+            self.ensure_log_dir()                   # Slurm writes job output there
+        except (SchedulerError, OSError) as exc:
+            if not isinstance(exc, TransportError):
+                exc = SchedulerError(f"cannot create the log directory {self.log_dir}: {exc}")
+            self._failed(exc)
+            self.refusal = str(exc)
+            log.error("site %s: %s", self.name, exc)
+            return {}
         # A job sent to a host has that one node: the other nodes of a wider job would be
         # anywhere, and their workers would not be where the tasks wait.
         config = self.config if host is None else replace(self.config, slurm=replace(self.config.slurm, nodes=1))
@@ -284,7 +383,7 @@ class BatchSite(Site):
             script = render_worker_script(
                 config, job_name=f"{self.prefix}{module['app_id']}-{module['name']}",
                 worker_argv=self.worker_argv(ids), env=self.worker_env(),
-                log_dir=self.settings.log_dir, array=array, nodelist=host)
+                log_dir=self.log_dir, array=array, nodelist=host)
             self.recent.append(time.monotonic())   # failed calls load slurmctld as much
             try:
                 job_id = self.scheduler.submit(script)
@@ -297,7 +396,8 @@ class BatchSite(Site):
                 where = ", ".join(f"{k} '{v}'" for k, v in (("partition", self.config.slurm.partition),
                                                              ("account", self.config.slurm.account),
                                                              ("qos", self.config.slurm.qos)) if v)
-                exc = SchedulerError(f"{exc}{f' ({where})' if where else ''}")
+                if not isinstance(exc, TransportError):
+                    exc = SchedulerError(f"{exc}{f' ({where})' if where else ''}")
                 self._failed(exc)
                 self.refusal = str(exc)
                 log.error("site %s: submission for module %s failed: %s", self.name, module["name"], exc)
@@ -354,6 +454,8 @@ class BatchSite(Site):
             self.snapshot_at = now
         except SchedulerError as exc:
             log.warning("site %s: cannot list jobs: %s", self.name, exc)
+            if getattr(exc, "host_key", False):
+                self._failed(exc)
             self.snapshot = None   # nothing known: nobody is declared dead on a guess
 
     def dead(self, workers: list[LiveWorker]) -> list[int]:

@@ -1,0 +1,433 @@
+"""Forwarding files from one site to another site's inbox.
+
+The sender (a worker, on the node where the files are) streams them as one tar
+stream through the OpenSSH client to ``scalebox-hpc receive`` on the target's login
+node; a manifest with every file's size and SHA-256 ends the stream. The receiver
+writes into a temporary directory inside the inbox, checks every file against the
+manifest, and only then renames the directory into place, so a reader of the inbox
+sees all of a delivery or nothing. A failed or cut transfer is sent again whole
+(``retries`` times, with backoff); a repeated delivery replaces the earlier one.
+
+The ``sftp`` mode puts the files one by one over paramiko's SFTP into the same
+temporary directory, then asks the receiver to verify and commit them: slower for many
+small files, for sites whose login node allows SFTP but no stream.
+
+Names inside the inbox come from messages: they are relative, without '..', and the
+receiver checks them again; nothing lands outside ``inbox/dest``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+
+from .errors import ScaleboxError
+from .ssh import SSHError, SSHSettings, openssh_argv
+
+MANIFEST = ".scalebox-manifest.json"
+INCOMING = ".incoming"
+CHUNK = 1 << 20
+
+
+class TransferError(ScaleboxError):
+    """A forward failed (after its retries)."""
+
+
+class PathRefused(ScaleboxError):
+    """A path from a message would leave the place it must stay in."""
+
+
+@dataclass
+class Item:
+    source: str      # the file on this node
+    name: str        # its relative name at the destination
+
+
+def safe_name(name: str, what: str = "path") -> str:
+    """A relative path with no '..' and no absolute start, normalised; else PathRefused."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise PathRefused(f"{what} {name!r} is empty or not text")
+    if name.startswith("/") or name.startswith("~"):
+        raise PathRefused(f"{what} {name!r} is absolute: refused (paths must stay inside the inbox)")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise PathRefused(f"{what} {name!r} contains '..': refused (paths must stay inside the inbox)")
+    if not parts or parts[0] in (MANIFEST, INCOMING):
+        raise PathRefused(f"{what} {name!r} is not a file name")
+    return "/".join(parts)
+
+
+def plan(files: list[str], workdir: str, files_root: str | None = None) -> tuple[list[Item], dict[str, str]]:
+    """The files to send for these message paths, and each path's name at the
+    destination. Relative paths are taken in ``files_root`` (else WORK_DIR) and keep
+    their relative name; an absolute path is sent under its base name, or its name
+    relative to ``files_root`` when it lies there. A directory is sent whole."""
+    items: list[Item] = []
+    names: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    base = os.path.realpath(files_root) if files_root else workdir
+    for path in files:
+        if not isinstance(path, str):
+            raise PathRefused(f"file entry {path!r} is not a path")
+        if os.path.isabs(path):
+            real = os.path.realpath(path)
+            inside = files_root and os.path.commonpath([real, base]) == base and real != base
+            name = safe_name(os.path.relpath(real, base) if inside else os.path.basename(real), "file name")
+            source = path
+        else:
+            name = safe_name(path, "file path")
+            source = os.path.join(base, name)
+            # A symlink in WORK_DIR may point anywhere; what counts is that the name is confined.
+        if os.path.isdir(source):
+            for root, dirs, found in os.walk(source):
+                dirs.sort()
+                for file in sorted(found):
+                    full = os.path.join(root, file)
+                    rel = os.path.relpath(full, source)
+                    items.append(Item(full, f"{name}/{rel}"))
+        elif os.path.isfile(source):
+            items.append(Item(source, name))
+        else:
+            raise TransferError(f"file {path!r} named by the message does not exist on this node")
+        names[path] = name
+    for item in items:
+        if item.name in seen:
+            raise TransferError(f"two files would both arrive as {item.name!r}: {seen[item.name]} and {item.source}")
+        seen[item.name] = item.source
+    return items, names
+
+
+class _Hashing:
+    """A file reader that hashes what goes through it."""
+
+    def __init__(self, fh):
+        self.fh = fh
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.sha.update(data)
+        self.count += len(data)
+        return data
+
+
+def _receiver_argv(target: dict, inbox: str, dest: str, extra: list[str] = ()) -> list[str]:
+    python = target.get("python") or ("python3" if target.get("ssh") else sys.executable)
+    command = [python, "-m", "scalebox_hpc.transfer", "--inbox", inbox, "--dest", dest, *extra]
+    ssh = target.get("ssh")
+    if not ssh:
+        return command
+    settings = SSHSettings.from_dict(ssh)
+    remote = shlex.join(command)
+    if settings.login_shell:
+        remote = shlex.join(["bash", "-lc", remote])
+    return [*openssh_argv(settings), remote]
+
+
+def send(target: dict, dest: str, items: list[Item], *, mode: str = "stream", retries: int = 3,
+         timeout: float = 3600.0, on_retry=None) -> dict:
+    """Deliver ``items`` into ``target['inbox']/dest``; returns what the receiver
+    reported ({path, files, bytes}) plus seconds and tries. Raises TransferError after
+    the last try."""
+    dest = safe_name(dest, "destination")
+    inbox = target.get("inbox")
+    if not inbox:
+        raise TransferError("the target site has no inbox: set 'inbox' in its site config")
+    started = time.monotonic()
+    last = None
+    for attempt in range(1, retries + 2):
+        try:
+            if mode == "sftp":
+                report = _send_sftp(target, inbox, dest, items, timeout)
+            else:
+                report = _send_stream(target, inbox, dest, items, timeout)
+            report.update(seconds=round(time.monotonic() - started, 3), tries=attempt, mode=mode)
+            return report
+        except (TransferError, SSHError, OSError) as exc:
+            last = exc
+            if attempt <= retries:
+                if on_retry:
+                    on_retry(attempt, exc)
+                time.sleep(min(30.0, 1.0 * 2 ** (attempt - 1)))
+    raise TransferError(f"forward to {dest} failed after {retries + 1} tries: {last}")
+
+
+def _manifest_bytes(manifest: list[dict]) -> bytes:
+    return json.dumps({"files": manifest}).encode()
+
+
+def _send_stream(target: dict, inbox: str, dest: str, items: list[Item], timeout: float) -> dict:
+    argv = _receiver_argv(target, inbox, dest)
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors)
+        manifest = []
+        try:
+            with tarfile.open(fileobj=proc.stdin, mode="w|", bufsize=CHUNK, format=tarfile.PAX_FORMAT) as tar:
+                tar.copybufsize = CHUNK
+                for item in items:
+                    with open(item.source, "rb") as fh:
+                        st = os.fstat(fh.fileno())
+                        info = tarfile.TarInfo(item.name)
+                        info.size, info.mtime, info.mode = st.st_size, int(st.st_mtime), st.st_mode & 0o755
+                        reader = _Hashing(fh)
+                        tar.addfile(info, reader)
+                        if reader.count != st.st_size:
+                            raise TransferError(f"{item.source} changed while it was sent")
+                        manifest.append({"name": item.name, "size": st.st_size, "sha256": reader.sha.hexdigest()})
+                data = _manifest_bytes(manifest)
+                info = tarfile.TarInfo(MANIFEST)
+                info.size = len(data)
+                tar.addfile(info, _BytesReader(data))
+            proc.stdin.close()
+            proc.stdin = None                  # communicate() must not flush it
+        except (BrokenPipeError, ConnectionResetError, OSError, tarfile.TarError) as exc:
+            proc.kill()
+            proc.wait()
+            raise TransferError(f"stream cut: {exc}{_tail(errors)}") from None
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise TransferError(f"no answer from the receiver within {timeout:g} s") from None
+        return _answer(proc.returncode, out, errors, manifest)
+
+
+class _BytesReader:
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.data) if n < 0 else self.pos + n
+        chunk, self.pos = self.data[self.pos:end], min(end, len(self.data))
+        return chunk
+
+
+def _tail(errors) -> str:
+    errors.seek(0)
+    lines = [line.strip() for line in errors.read().decode(errors="replace").splitlines() if line.strip()]
+    return f" ({lines[-1]})" if lines else ""
+
+
+def _answer(code: int, out: bytes, errors, manifest: list[dict]) -> dict:
+    try:
+        report = json.loads(out.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        report = None
+    if not isinstance(report, dict):
+        raise TransferError(f"the receiver gave no answer (exit {code}){_tail(errors)}")
+    if not report.get("ok"):
+        raise TransferError(f"the receiver refused: {report.get('error')}")
+    if report.get("files") != len(manifest) or report.get("bytes") != sum(f["size"] for f in manifest):
+        raise TransferError(f"the receiver reports {report.get('files')} files / {report.get('bytes')} bytes, "
+                            f"{len(manifest)} / {sum(f['size'] for f in manifest)} were sent")
+    return {"path": report["path"], "files": report["files"], "bytes": report["bytes"]}
+
+
+def _send_sftp(target: dict, inbox: str, dest: str, items: list[Item], timeout: float) -> dict:
+    """One SFTP put per file into a temporary directory, then a verified commit."""
+    from .ssh import SSHConnection
+    ssh = target.get("ssh")
+    if not ssh:
+        raise TransferError("sftp mode needs an 'ssh' section in the target's site config")
+    settings = SSHSettings.from_dict(ssh)
+    conn = SSHConnection(settings)
+    try:
+        client = conn._client()
+        sftp = client.open_sftp()
+        sftp.get_channel().settimeout(timeout)
+        staging = f"{INCOMING}/sftp-{uuid.uuid4().hex}"
+        made = set()
+
+        def mkdirs(path: str) -> None:
+            parts = path.split("/")
+            for i in range(1, len(parts) + 1):
+                sub = "/".join(parts[:i])
+                if sub in made:
+                    continue
+                try:
+                    sftp.mkdir(f"{inbox}/{sub}")
+                except OSError:
+                    pass                    # exists (a real failure shows at put)
+                made.add(sub)
+
+        parts = inbox.rstrip("/").split("/")       # the inbox itself, as the stream receiver makes it
+        for i in range(1, len(parts) + 1):
+            if "/".join(parts[:i]):
+                try:
+                    sftp.mkdir("/".join(parts[:i]))
+                except OSError:
+                    pass
+        mkdirs(staging)
+        manifest = []
+        for item in items:
+            parent = os.path.dirname(item.name)
+            if parent:
+                mkdirs(f"{staging}/{parent}")
+            with open(item.source, "rb") as fh:
+                reader = _Hashing(fh)
+                attrs = sftp.putfo(reader, f"{inbox}/{staging}/{item.name}", confirm=True)
+            manifest.append({"name": item.name, "size": attrs.st_size, "sha256": reader.sha.hexdigest()})
+        sftp.close()
+        status, out, err = conn.run(_receiver_argv({**target, "ssh": None}, inbox, dest,
+                                                   ["--commit", staging])[0:],
+                                    _manifest_bytes(manifest), timeout)
+    except SSHError:
+        raise
+    except Exception as exc:             # paramiko's SFTP errors are IOError/SSHException/EOFError
+        raise TransferError(f"sftp: {exc}") from None
+    finally:
+        conn.close()
+    with tempfile.TemporaryFile() as errors:
+        errors.write(err.encode())
+        return _answer(status, out.encode(), errors, manifest)
+
+
+# ------------------------------------------------------------------ the receiving side
+
+def receive(inbox: str, dest: str, stream, *, commit: str | None = None) -> dict:
+    """Take one delivery into ``inbox/dest``: from a tar stream (the manifest last), or,
+    with ``commit``, from files already put into that staging directory of the inbox
+    (the manifest is the stream). Verified, then renamed into place."""
+    dest = safe_name(dest, "destination")
+    inbox = os.path.realpath(inbox)
+    incoming = os.path.join(inbox, INCOMING)
+    os.makedirs(incoming, exist_ok=True)
+    _sweep(incoming)
+    if commit:
+        # The sender names it as '.incoming/NAME' (relative to the inbox); it must be right in there.
+        name = commit[len(INCOMING) + 1:] if commit.startswith(INCOMING + "/") else commit
+        staging = os.path.realpath(os.path.join(incoming, safe_name(name, "staging directory")))
+        if os.path.dirname(staging) != incoming or not os.path.isdir(staging):
+            raise PathRefused(f"staging directory {commit!r} is not in {incoming}")
+        manifest, got = None, {}
+    else:
+        staging = tempfile.mkdtemp(dir=incoming, prefix=dest.replace("/", "_") + ".")
+        manifest, got = None, {}
+    try:
+        if commit:
+            manifest = json.loads(stream.read().decode())["files"]
+            # Every file in the staging directory is checked, so that nothing unlisted is placed.
+            for root, dirs, files in os.walk(staging):
+                for entry in dirs + files:
+                    full = os.path.join(root, entry)
+                    if os.path.islink(full):
+                        raise PathRefused(f"{os.path.relpath(full, staging)}: only plain files are accepted")
+                    if entry in files:
+                        got[os.path.relpath(full, staging)] = _hash_file(full)
+        else:
+            with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
+                for member in tar:
+                    if member.name == MANIFEST:
+                        manifest = json.loads(tar.extractfile(member).read().decode())["files"]
+                        continue
+                    name = safe_name(member.name, "file name")
+                    path = os.path.join(staging, name)
+                    if member.isdir():
+                        os.makedirs(path, exist_ok=True)
+                        continue
+                    if not member.isfile():
+                        raise PathRefused(f"{name}: only plain files are accepted")
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    got[name] = _write(tar.extractfile(member), path)
+                    os.utime(path, (member.mtime, member.mtime))
+        if manifest is None:
+            raise TransferError("the stream ended before its manifest: incomplete transfer")
+        expected = {safe_name(f["name"], "file name"): (f["size"], f["sha256"]) for f in manifest}
+        if expected != got:
+            bad = sorted(set(expected) ^ set(got)) or sorted(n for n in expected if expected[n] != got.get(n))
+            raise TransferError(f"verification failed for {len(bad)} file(s), first {bad[0]!r}: "
+                                "size or SHA-256 differs from what was sent")
+        final = os.path.join(inbox, dest)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        if os.path.lexists(final):
+            # An earlier attempt of the same task delivered here: replaced whole.
+            old = f"{staging}.old"
+            os.rename(final, old)
+            os.rename(staging, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {"ok": True, "path": final, "files": len(got), "bytes": sum(size for size, _ in got.values())}
+
+
+def _write(source, path: str) -> tuple[int, str]:
+    sha = hashlib.sha256()
+    size = 0
+    with open(path, "xb") as out:            # x: the same name twice in a stream is refused
+        while True:
+            chunk = source.read(CHUNK)
+            if not chunk:
+                break
+            sha.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+    return size, sha.hexdigest()
+
+
+def _hash_file(path: str) -> tuple[int, str]:
+    sha = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(CHUNK)
+            if not chunk:
+                break
+            sha.update(chunk)
+            size += len(chunk)
+    return size, sha.hexdigest()
+
+
+def _sweep(incoming: str, max_age: float = 86400.0) -> None:
+    """Remove staging directories of transfers cut more than a day ago."""
+    now = time.time()
+    try:
+        entries = list(os.scandir(incoming))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime > max_age:
+                shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m scalebox_hpc.transfer --inbox DIR --dest REL [--commit STAGING]``: the
+    receiving end, run on the target's login node by a forwarding worker (kept apart
+    from the CLI so that it starts fast). Prints one JSON line; exit 0 when placed."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m scalebox_hpc.transfer")
+    parser.add_argument("--inbox", required=True)
+    parser.add_argument("--dest", required=True)
+    parser.add_argument("--commit")
+    args = parser.parse_args(argv)
+    try:
+        report = receive(args.inbox, args.dest, sys.stdin.buffer, commit=args.commit)
+    except (TransferError, PathRefused, OSError, ValueError, KeyError, tarfile.TarError) as exc:
+        print(json.dumps({"ok": False, "error": str(exc) or type(exc).__name__}), flush=True)
+        return 1
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
