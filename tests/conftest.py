@@ -11,10 +11,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pytest
+import yaml
 
 from scalebox_hpc import db
 from scalebox_hpc.db.embedded import EmbeddedPostgres
@@ -129,3 +131,121 @@ def open_dir():
     yield make
     for path in made:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class SiteEnv:
+    """One test site of `two_sites`: a real Slurm cluster and an sshd as its login node.
+
+    Sessions on the login node (root@127.0.0.1:ssh_port, key ssh_key, host key in
+    known_hosts) see SLURM_CONF=slurm_conf, set by the sshd's SetEnv. inbox, logs and
+    scratch are empty directories (mode 0755) under base for the site's config."""
+    name: str            # 'a' or 'b'
+    base: Path
+    slurm_dir: Path      # tests/env/slurm-up.sh's DIR (logs under slurm_dir/log)
+    slurm_conf: str
+    ssh_dir: Path        # tests/env/sshd-up.sh's DIR (sshd.pid, sshd.log)
+    ssh_port: int
+    ssh_key: str
+    known_hosts: str
+    inbox: Path
+    logs: Path
+    scratch: Path
+
+    def slurm_env(self) -> dict:
+        """os.environ with this site's SLURM_CONF, for running Slurm commands locally."""
+        return dict(os.environ, SLURM_CONF=self.slurm_conf)
+
+    def config_yaml(self, dsn: str, **overrides) -> str:
+        """The site config (YAML text) for this site; overrides replace top-level keys."""
+        config = {
+            "name": f"site-{self.name}",
+            "scheduler": "slurm",
+            "ssh": {"host": "127.0.0.1", "port": self.ssh_port, "user": "root",
+                    "key": self.ssh_key, "known_hosts": self.known_hosts},
+            "inbox": str(self.inbox),
+            "log_dir": str(self.logs),
+            "python": sys.executable,
+            "scratch_root": str(self.scratch),
+            "runtime": "host",
+            "database": {"dsn": dsn},
+            "slurm": {"partition": "main", "walltime": "00:10:00"},
+            "pool": {"max_workers": 4, "max_queued_jobs": 4, "idle_seconds": 10, "poll_seconds": 1},
+        }
+        config.update(overrides)
+        return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+
+
+@dataclass
+class TwoSites:
+    a: SiteEnv
+    b: SiteEnv
+
+
+# Distinct from the `slurm` fixture (sbxtest, 6917..6929): clusters sbxa/sbxb on 7017../7117..
+# (slurmd on +11/+12), login-node sshd's on 7031/7131.
+_SITES = (("a", "sbxa", 7017, 7031), ("b", "sbxb", 7117, 7131))
+
+
+@pytest.fixture(scope="session")
+def two_sites():
+    """Two real sites: per site a Slurm cluster (tests/env/slurm-up.sh) and a private sshd
+    (tests/env/sshd-up.sh) as its login node, whose sessions get that cluster's SLURM_CONF.
+    Yields TwoSites(a=SiteEnv, b=SiteEnv). Leaves os.environ["SLURM_CONF"] alone."""
+    env_dir = REPO / "tests" / "env"
+    bases = {name: Path(tempfile.mkdtemp(prefix=f"sbx-test-site-{name}-")) for name, *_ in _SITES}
+    for base in bases.values():
+        os.chmod(base, 0o755)   # as for `pg`: unprivileged accounts (Apptainer) must reach inbox etc.
+    started_slurm, started_sshd = [], []
+    try:
+        # Both clusters come up at once (the scripts serialize apt/munged with a global lock).
+        procs = {}
+        for name, cluster, slurm_port, _ in _SITES:
+            procs[name] = subprocess.Popen(
+                ["bash", str(env_dir / "slurm-up.sh"), str(bases[name] / "slurm"), cluster,
+                 str(slurm_port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env=dict(os.environ, SLURM_UP_CLEAN="1"))
+            started_slurm.append(bases[name] / "slurm")
+        errors = {}
+        for name, cluster, *_ in _SITES:   # wait for both before judging either
+            try:
+                _, err = procs[name].communicate(timeout=900)
+            except subprocess.TimeoutExpired:
+                procs[name].kill()       # our own child, by its PID
+                _, err = procs[name].communicate()
+                err += "\n(slurm-up.sh killed after 900 s)"
+            if procs[name].returncode != 0:
+                errors[name] = f"Slurm cluster {cluster} (site {name}) did not start:\n{err[-3000:]}"
+        assert not errors, "\n".join(errors.values())
+        sites = {}
+        for name, cluster, _, ssh_port in _SITES:
+            base = bases[name]
+            slurm_conf = str(base / "slurm" / "slurm.conf")
+            ssh_dir = base / "sshd"
+            started_sshd.append(ssh_dir)
+            up = subprocess.run(["bash", str(env_dir / "sshd-up.sh"), str(ssh_dir), str(ssh_port),
+                                 f"SLURM_CONF={slurm_conf}"],
+                                capture_output=True, text=True, timeout=900)
+            assert up.returncode == 0, \
+                f"the login node sshd of site {name} did not start:\n{up.stderr[-3000:]}"
+            exported = {}
+            for line in up.stdout.splitlines():
+                key, sep, value = line.removeprefix("export ").partition("=")
+                if sep:
+                    exported[key] = value
+            dirs = {}
+            for sub in ("inbox", "logs", "scratch"):
+                dirs[sub] = base / sub
+                dirs[sub].mkdir(exist_ok=True)
+                os.chmod(dirs[sub], 0o755)
+            sites[name] = SiteEnv(
+                name=name, base=base, slurm_dir=base / "slurm", slurm_conf=slurm_conf,
+                ssh_dir=ssh_dir, ssh_port=int(exported["SSHD_PORT"]), ssh_key=exported["SSHD_KEY"],
+                known_hosts=exported["SSHD_KNOWN_HOSTS"], **dirs)
+        yield TwoSites(a=sites["a"], b=sites["b"])
+    finally:
+        for ssh_dir in started_sshd:
+            subprocess.run(["bash", str(env_dir / "sshd-down.sh"), str(ssh_dir)], capture_output=True)
+        for slurm_dir in started_slurm:
+            subprocess.run(["bash", str(env_dir / "slurm-down.sh"), str(slurm_dir)],
+                           capture_output=True)

@@ -79,7 +79,7 @@ def test_defaults_name_from_file_and_ints_as_strings(tmp_path):
     assert site.name == "hpc-1" and site.line == 1
     assert site.slurm.nodes == 2 and site.slurm.drain_seconds == 60 and site.slurm.walltime == "90"
     assert site.pool == PoolSettings(max_workers=8, poll_seconds=2.5)
-    assert site.ssh == {"host": "login.example.org", "port": 22}
+    assert (site.ssh.host, site.ssh.port, site.ssh.user) == ("login.example.org", 22, None)
 
 
 def test_template_relative_to_config(tmp_path):

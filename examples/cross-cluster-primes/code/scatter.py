@@ -1,0 +1,1 @@
+../../app-primes/code/scatter.py

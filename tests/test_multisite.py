@@ -1,0 +1,202 @@
+"""Apps across two real sites (two Slurm clusters, each with its own sshd as login node,
+from the `two_sites` fixture): the controller reaches both only over SSH (no SLURM_CONF
+in its environment), and files produced at one site reach the other site's inbox
+through the forwarder, verified."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLES, REPO
+from test_faults import query
+
+ESCAPE_APP = REPO / "tests" / "apps" / "forward-escape"
+
+
+@pytest.fixture
+def sites_env(sbx_env, two_sites, dsn, tmp_path):
+    """The CLI's environment with site-a and site-b configured; no Slurm of its own."""
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    for site in (two_sites.a, two_sites.b):
+        scratch = tmp_path / f"scratch-{site.name}"
+        scratch.mkdir()
+        inbox = tmp_path / f"inbox-{site.name}"
+        (sites / f"site-{site.name}.yaml").write_text(site.config_yaml(
+            dsn, scratch_root=str(scratch), inbox=str(inbox),
+            slurm={"partition": "main", "walltime": "00:10:00", "job_name_prefix": f"sbx{site.name}"},
+            pool={"max_workers": 2, "max_queued_jobs": 4, "idle_seconds": 4, "poll_seconds": 1}))
+    env = {k: v for k, v in sbx_env.items() if k != "SLURM_CONF"}
+    env.update(SCALEBOX_SITES_DIR=str(sites), SITE_A="site-a", SITE_B="site-b")
+    return env
+
+
+def cli(env, *args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "scalebox_hpc", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def jobs_on(site, prefix):
+    """Names of the jobs with this name prefix that cluster `site` has seen."""
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%j"], env=site.slurm_env(),
+                         capture_output=True, text=True, check=True).stdout
+    return [name for name in out.split() if name.startswith(prefix)]
+
+
+def module_sites(dsn, app_id):
+    rows = query(dsn, "SELECT m.name, w.site, count(*) FROM task_exec e JOIN tasks t ON t.id = e.task_id "
+                      "JOIN modules m ON m.id = t.module_id JOIN workers w ON w.id = e.worker_id "
+                      "WHERE t.app_id = %s AND e.status_code = 0 GROUP BY 1, 2", app_id)
+    return {(name, site): n for name, site, n in rows}
+
+
+def test_cross_cluster_primes(sites_env, two_sites, dsn, tmp_path):
+    env = dict(sites_env, PRIMES_MAX="20000", RANGE_SIZE="2500", GATHER_DIR=str(tmp_path / "gather"))
+    proc = cli(env, "run", "--json", EXAMPLES / "cross-cluster-primes")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "FINISHED" and summary["result"] == "2262"
+    app_id = summary["id"]
+    assert module_sites(dsn, app_id) == {("scatter", "site-a"): 1, ("calc", "site-b"): 8,
+                                         ("gather", "site-a"): 8}
+    # Worker jobs went to each site's own cluster, submitted over its login node.
+    assert jobs_on(two_sites.b, "sbxb-") and not jobs_on(two_sites.a, "sbxb-")
+    assert jobs_on(two_sites.a, "sbxa-") and not jobs_on(two_sites.b, "sbxa-")
+    # Every calc attempt forwarded its one file to site A's inbox, with times and bytes on record.
+    rows = query(dsn, "SELECT t.body, e.forward_files, e.forward_bytes, e.forwards, "
+                      "e.t_forward_end >= e.t_forward_start FROM task_exec e JOIN tasks t ON t.id = e.task_id "
+                      "JOIN modules m ON m.id = t.module_id WHERE t.app_id = %s AND m.name = 'calc'", app_id)
+    assert len(rows) == 8
+    inbox = tmp_path / "inbox-a"
+    for body, files, size, forwards, ordered in rows:
+        start, end = body.split(":")
+        (fwd,) = forwards
+        path = Path(fwd["path"]) / f"primes-{start}-{end}.txt"
+        assert files == 1 and ordered and fwd["site"] == "site-a" and fwd["tries"] == 1
+        assert path.is_file() and path.stat().st_size == size and inbox in path.parents
+    # gather's messages name the forwarded files (in site A's inbox), not calc's WORK_DIR.
+    heads = query(dsn, "SELECT t.headers FROM tasks t JOIN modules m ON m.id = t.module_id "
+                       "WHERE t.app_id = %s AND m.name = 'gather'", app_id)
+    assert all(str(inbox) in h["files"][0] for (h,) in heads)
+    assert not list((inbox / ".incoming").iterdir())
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _kill_session_of_receiver(inbox: Path, listener_pid: int, done: threading.Event, killed: list):
+    """Wait for a receiving process into `inbox` that has started writing, then SIGKILL
+    the sshd session serving it (the connection dies mid-transfer)."""
+    deadline = time.monotonic() + 300
+    while not done.is_set() and time.monotonic() < deadline and not killed:
+        for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "scalebox_hpc.transfer" not in cmd or str(inbox) not in cmd or "--commit" in cmd:
+                continue
+            staged = sum(f.stat().st_size for f in (inbox / ".incoming").rglob("*") if f.is_file()) \
+                if (inbox / ".incoming").is_dir() else 0
+            if staged < 10 << 20:
+                continue
+            parent = int(pid)
+            while parent > 1:
+                parent = int(Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmd = Path(f"/proc/{parent}/cmdline").read_bytes().decode(errors="replace")
+                if cmd.startswith("sshd:") and parent != listener_pid:
+                    os.kill(parent, signal.SIGKILL)
+                    killed.append((parent, staged))
+                    return
+        time.sleep(0.02)
+
+
+def test_app_copy_survives_a_cut_connection(sites_env, two_sites, dsn, tmp_path):
+    source = tmp_path / "source"
+    (source / "deep" / "er").mkdir(parents=True)
+    for i in range(20):
+        (source / ("deep" if i % 2 else "") / f"small-{i}.dat").write_bytes(os.urandom(1000 + 37 * i))
+    (source / "deep" / "er" / "empty").write_bytes(b"")
+    big = source / "deep" / "er" / "big.bin"
+    with open(big, "wb") as fh:
+        for _ in range(300):
+            fh.write(os.urandom(1 << 20))
+    dest = tmp_path / "dest"
+    inbox_b = tmp_path / "inbox-b"
+    listener = int((two_sites.b.ssh_dir / "sshd.pid").read_text())
+    done, killed = threading.Event(), []
+    watcher = threading.Thread(target=_kill_session_of_receiver, args=(inbox_b, listener, done, killed))
+    watcher.start()
+    try:
+        proc = cli(dict(sites_env, SOURCE_DIR=str(source), DEST_DIR=str(dest)), "run", "--json",
+                   EXAMPLES / "app-copy")
+    finally:
+        done.set()
+        watcher.join()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "FINISHED" and summary["result"] == "copied 22 files"
+    assert killed, "the transfer of the big file was never caught in flight"
+    # Every file once, byte for byte, at the same relative path.
+    copied = sorted(p.relative_to(dest) for p in dest.rglob("*") if p.is_file())
+    assert copied == sorted(p.relative_to(source) for p in source.rglob("*") if p.is_file())
+    assert all(_sha(dest / rel) == _sha(source / rel) for rel in copied)
+    app_id = summary["id"]
+    # The cut transfer was sent again within the same attempt, and each file went once.
+    rows = query(dsn, "SELECT t.body, e.status_code, e.forwards FROM task_exec e JOIN tasks t ON t.id = e.task_id "
+                      "JOIN modules m ON m.id = t.module_id WHERE t.app_id = %s AND m.name = 'copy-file'", app_id)
+    assert len(rows) == 22 and all(code == 0 for _, code, _ in rows)
+    tries = {body: fwd[0]["tries"] for body, _, fwd in rows}
+    assert tries["deep/er/big.bin"] == 2 and all(n == 1 for b, n in tries.items() if b != "deep/er/big.bin")
+    assert module_sites(dsn, app_id)[("store-file", "site-b")] == 22
+    assert not list((inbox_b / ".incoming").iterdir())
+
+
+def test_wrong_host_key_submits_nothing(sites_env, two_sites, dsn, tmp_path):
+    sites = Path(sites_env["SCALEBOX_SITES_DIR"])
+    # Site A's host key filed under site B's address: a man in the middle, as far as we know.
+    wrong = tmp_path / "known_hosts_wrong"
+    key_a = Path(two_sites.a.known_hosts).read_text().split(None, 1)[1]
+    wrong.write_text(f"[127.0.0.1]:{two_sites.b.ssh_port} {key_a}")
+    text = (sites / "site-b.yaml").read_text().replace(two_sites.b.known_hosts, str(wrong))
+    (sites / "site-b.yaml").write_text(text)
+
+    check = cli(sites_env, "site", "check", "--json", "site-b")
+    assert check.returncode == 1
+    failed = [c for c in json.loads(check.stdout)["checks"] if not c["ok"]]
+    assert len(failed) == 1 and "does not match" in failed[0]["detail"] and str(wrong) in failed[0]["detail"]
+
+    submitted = cli(sites_env, "submit", "--json", "--site", "site-b", EXAMPLES / "hello-scalebox")
+    assert submitted.returncode == 0, submitted.stderr
+    for _ in range(3):
+        step = cli(sites_env, "controller", "--once")
+        assert step.returncode == 0, step.stderr
+    listed = json.loads(cli(sites_env, "site", "list", "--json").stdout)
+    site_b = next(s for s in listed if s["name"] == "site-b")
+    assert site_b["status"] == "DEGRADED" and "does not match" in site_b["reason"], site_b
+    assert not jobs_on(two_sites.b, "sbxb-hello") and not jobs_on(two_sites.a, "sbxb-hello")
+
+
+def test_path_escaping_the_work_dir_is_refused(sites_env, two_sites, dsn, tmp_path):
+    proc = cli(sites_env, "run", "--json", ESCAPE_APP)
+    rows = query(dsn, "SELECT m.name, t.body, t.status, e.note FROM tasks t JOIN modules m ON m.id = t.module_id "
+                      "LEFT JOIN task_exec e ON e.task_id = t.id ORDER BY t.id")
+    by_body = {(name, body): (status, note) for name, body, status, note in rows}
+    status, note = by_body[("emit", "../../../../etc/hostname")]
+    assert status == -108 and "contains '..'" in note, (proc.stderr[-2000:], rows)
+    assert by_body[("emit", "ok.txt")][0] == 0
+    # Only the good message reached site B; nothing of the refused one was sent.
+    takes = [(body, status) for (name, body), (status, _) in by_body.items() if name == "take"]
+    assert len(takes) == 1 and takes[0][1] == 0 and takes[0][0].endswith("/ok.txt")
+    delivered = [p.name for p in (tmp_path / "inbox-b").rglob("*") if p.is_file()]
+    assert delivered == ["ok.txt"]
