@@ -571,6 +571,10 @@ def task_show(ctx, task_id, as_json, full):
         sizes += [f"{k.replace('_', ' ')} {', '.join(map(str, e[k]))}" for k in ("input_files", "output_files") if e[k]]
         if sizes:
             click.echo(f"    {'; '.join(sizes)}")
+        for fwd in e["forwards"] or []:
+            click.echo(f"    forwarded to site {fwd['site']}: {fwd['files']} file(s), {fwd['bytes']} bytes in "
+                       f"{fwd['seconds']} s ({fwd['mode']}, {fwd['tries']} tr{'y' if fwd['tries'] == 1 else 'ies'})"
+                       f" -> {fwd['path']}")
         for key in ("stdout", "stderr", "user_text", "auxout"):
             text = (e[key] or "").rstrip()
             if text:

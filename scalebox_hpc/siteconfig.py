@@ -321,9 +321,6 @@ class _SiteParser(_AppParser):
                 value = self.line_text(sub)
                 if value and not os.path.isabs(os.path.expanduser(value)):
                     raise self.error(f"'{value}' is not an absolute path (or ~/...)", sub.key, sub.line)
-                if key == "key" and value and not os.path.isfile(os.path.expanduser(value)):
-                    raise self.error(f"key file {value} not found (a private key; scalebox-hpc never uses "
-                                     "passwords)", sub.key, sub.line)
                 setattr(settings, key, value)
             elif key == "control_persist":
                 settings.control_persist = self.integer(sub, 0) or 0

@@ -118,6 +118,9 @@ class SSHConnection:
             raise HostKeyError(f"{self._label()}: cannot read known_hosts {known}: {exc}") from None
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         key = _expand(s.key)
+        if key and not os.path.isfile(key):
+            raise SSHError(f"{self._label()}: key file {key} not found (ssh.key in the site config: a private "
+                           "key; scalebox-hpc never uses passwords)")
         try:
             client.connect(s.host, s.port, username=s.user or _local_user(), key_filename=key,
                            look_for_keys=key is None, allow_agent=key is None, timeout=s.connect_timeout,

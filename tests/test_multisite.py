@@ -60,6 +60,10 @@ def module_sites(dsn, app_id):
 
 
 def test_cross_cluster_primes(sites_env, two_sites, dsn, tmp_path):
+    # Both sites pass 'site check' over SSH, probe job on a compute node included.
+    for name in ("site-a", "site-b"):
+        check = cli(sites_env, "site", "check", "--json", name)
+        assert check.returncode == 0 and json.loads(check.stdout)["ok"], check.stdout + check.stderr
     env = dict(sites_env, PRIMES_MAX="20000", RANGE_SIZE="2500", GATHER_DIR=str(tmp_path / "gather"))
     proc = cli(env, "run", "--json", EXAMPLES / "cross-cluster-primes")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -88,6 +92,11 @@ def test_cross_cluster_primes(sites_env, two_sites, dsn, tmp_path):
                        "WHERE t.app_id = %s AND m.name = 'gather'", app_id)
     assert all(str(inbox) in h["files"][0] for (h,) in heads)
     assert not list((inbox / ".incoming").iterdir())
+    (calc_task,), = query(dsn, "SELECT min(t.id) FROM tasks t JOIN modules m ON m.id = t.module_id "
+                               "WHERE t.app_id = %s AND m.name = 'calc'", app_id)
+    shown = cli(sites_env, "task", "show", calc_task)
+    assert shown.returncode == 0 and "forwarded to site site-a: 1 file(s)" in shown.stdout, shown.stdout
+    assert "forward_start" in shown.stdout and "forward_end" in shown.stdout
 
 
 def _sha(path: Path) -> str:
@@ -200,3 +209,85 @@ def test_path_escaping_the_work_dir_is_refused(sites_env, two_sites, dsn, tmp_pa
     assert len(takes) == 1 and takes[0][1] == 0 and takes[0][0].endswith("/ok.txt")
     delivered = [p.name for p in (tmp_path / "inbox-b").rglob("*") if p.is_file()]
     assert delivered == ["ok.txt"]
+
+
+class _AnswerLost:
+    """A real connection to a login node whose sbatch answer is lost on the way back
+    (the command ran, then the connection 'dropped'), or that drops before sending."""
+
+    def __init__(self, connection, *, ran: bool):
+        self.connection, self.ran, self.settings = connection, ran, connection.settings
+        self.dropped = 0
+
+    def run(self, argv, input=None, timeout=60.0):
+        from scalebox_hpc.ssh import SSHError
+        if argv[0] == "sbatch" and not self.dropped:
+            self.dropped += 1
+            if self.ran:
+                self.connection.run(argv, input, timeout)
+            raise SSHError("connection reset by peer (injected)", sent=True)
+        return self.connection.run(argv, input, timeout)
+
+    def close(self):
+        self.connection.close()
+
+
+@pytest.mark.parametrize("ran", [True, False])
+def test_lost_sbatch_answer_neither_loses_nor_doubles_a_job(two_sites, ran):
+    from scalebox_hpc.siteconfig import load_site
+    from scalebox_hpc.sites.slurm import SchedulerError, SlurmCLI, SSHRunner
+    from scalebox_hpc.ssh import connect
+
+    site = two_sites.b
+    config_file = site.base / "lost-answer.yaml"
+    config_file.write_text(site.config_yaml("host=/nonexistent"))
+    config = load_site(config_file)
+    link = _AnswerLost(connect(config.ssh, site="site-b"), ran=ran)
+    cli_b = SlurmCLI(SSHRunner(link))
+    name = f"sbx-lost-answer-{'ran' if ran else 'not-ran'}"
+    script = f"#!/bin/bash\n#SBATCH --job-name={name}\n#SBATCH --output=/dev/null\nsleep 30\n"
+    try:
+        if ran:
+            job = cli_b.submit(script)
+            assert jobs_on(site, name) == [name]
+            out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%j"], env=site.slurm_env(),
+                                 capture_output=True, text=True, check=True).stdout.split()
+            assert out == [name]
+        else:
+            with pytest.raises(SchedulerError, match="nothing was submitted"):
+                cli_b.submit(script)
+            assert jobs_on(site, name) == []
+        assert link.dropped == 1
+    finally:
+        subprocess.run(["scancel", "-n", name], env=site.slurm_env())
+        link.close()
+
+
+def test_connection_to_login_node_comes_back(two_sites):
+    """The controller's one connection per site, cut (its sshd session killed), is
+    opened again by the next command."""
+    from scalebox_hpc.siteconfig import load_site
+    from scalebox_hpc.ssh import SSHConnection, SSHError
+
+    site = two_sites.a
+    config_file = site.base / "reconnect.yaml"
+    config_file.write_text(site.config_yaml("host=/nonexistent"))
+    conn = SSHConnection(load_site(config_file).ssh, site="site-a")
+    try:
+        status, out, _ = conn.run(["sh", "-c", "echo $PPID"])
+        assert status == 0 and conn.connects == 1
+        session = int(out.strip())
+        # The shell's parent is the sshd process serving this connection.
+        assert Path(f"/proc/{session}/cmdline").read_bytes().startswith(b"sshd:")
+        os.kill(session, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:                       # a command caught by the cut fails; the next reconnects
+            try:
+                assert conn.run(["sinfo", "-h", "-o", "%P"])[0] == 0
+                break
+            except SSHError:
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+        assert conn.connects == 2
+    finally:
+        conn.close()

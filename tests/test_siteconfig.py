@@ -45,7 +45,10 @@ def error(tmp_path, text, name="site.yaml") -> str:
 
 def test_example_configs_load():
     sites = load_sites(SITE_CONFIGS)
-    assert set(sites) == {"local", "testcluster", "university-cluster"}
+    assert set(sites) == {"local", "testcluster", "university-cluster", "remote-cluster"}
+    remote = sites["remote-cluster"]
+    assert (remote.ssh.host, remote.ssh.user, remote.ssh.port) == ("login.hpc.example.org", "astro01", 22)
+    assert remote.ssh.key == "~/.ssh/id_ed25519_scalebox" and remote.log_dir and remote.inbox
 
     test = sites["testcluster"]
     assert test.scheduler == "slurm" and test.scratch_root == "/tmp"
@@ -108,6 +111,31 @@ def test_unknown_key_with_line_and_suggestion(tmp_path):
     message = error(tmp_path, "schedular: slurm\n")
     assert ":1: schedular: unknown key" in message and "did you mean 'scheduler'?" in message
     assert ":2: ssh.hostname: unknown key" in error(tmp_path, "ssh:\n  hostname: x\n")
+
+
+@pytest.mark.parametrize("ssh, expected", [
+    ("{port: 22}", "ssh: 'host' is missing"),
+    ("{host: 'a b'}", "ssh.host: invalid host name 'a b'"),
+    ("{host: login, port: 70000}", "ssh.port: port 70000 is not a TCP port"),
+    ("{host: login, key: id_rsa}", "ssh.key: 'id_rsa' is not an absolute path"),
+    ("{host: login, jump: 'u@gw:x'}", "ssh.jump: invalid jump host 'u@gw:x'"),
+    ("{host: login, login_shell: 'yes'}", "ssh.login_shell: expected true or false"),
+    ("{host: login, password: x}", "ssh.password: unknown key 'password'"),
+])
+def test_bad_ssh_settings(tmp_path, ssh, expected):
+    assert expected in error(tmp_path, f"scheduler: slurm\nssh: {ssh}\n")
+
+
+def test_ssh_site_needs_absolute_inbox_and_jump_forms(tmp_path):
+    assert "inbox: 'data/in' is not an absolute path" in error(tmp_path, "inbox: data/in\n")
+    site = load_site(write(tmp_path / "s.yaml", """
+        scheduler: slurm
+        ssh: {host: login.x.org, user: me, jump: {host: gw.x.org, port: 2222}}
+        log_dir: /scratch/me/logs
+    """))
+    assert (site.ssh.jump.host, site.ssh.jump.port, site.ssh.jump.user) == ("gw.x.org", 2222, None)
+    site = load_site(write(tmp_path / "t.yaml", "scheduler: slurm\nssh: {host: h, jump: 'u@gw:2200'}\n"))
+    assert (site.ssh.jump.user, site.ssh.jump.host, site.ssh.jump.port) == ("u", "gw", 2200)
 
 
 @pytest.mark.parametrize("walltime", ["'1:2:3:4'", "abc", "'10:60'", "'1-24'", "'00:00'", "''"])
