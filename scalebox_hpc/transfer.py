@@ -18,6 +18,7 @@ receiver checks them again; nothing lands outside ``inbox/dest``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shlex
@@ -31,11 +32,14 @@ import uuid
 from dataclasses import dataclass
 
 from .errors import ScaleboxError
-from .ssh import SSHError, SSHSettings, openssh_argv
+from .ssh import HostKeyError, SSHError, SSHSettings, openssh_argv
 
 MANIFEST = ".scalebox-manifest.json"
 INCOMING = ".incoming"
 CHUNK = 1 << 20
+_HOST_KEY_FAILED = "Host key verification failed"      # what OpenSSH says of an unknown or changed key
+READ_BUFSIZE = 64 << 10
+WRITE_PIECE = 64 << 10
 
 
 class TransferError(ScaleboxError):
@@ -155,11 +159,13 @@ def send(target: dict, dest: str, items: list[Item], *, mode: str = "stream", re
             return report
         except (TransferError, SSHError, OSError) as exc:
             last = exc
+            if _HOST_KEY_FAILED in str(exc) or isinstance(exc, HostKeyError):
+                break              # an unknown or changed host key does not heal by trying again
             if attempt <= retries:
                 if on_retry:
                     on_retry(attempt, exc)
                 time.sleep(min(30.0, 1.0 * 2 ** (attempt - 1)))
-    raise TransferError(f"forward to {dest} failed after {retries + 1} tries: {last}")
+    raise TransferError(f"forward to {dest} failed after {attempt} tr{'y' if attempt == 1 else 'ies'}: {last}")
 
 
 def _manifest_bytes(manifest: list[dict]) -> bytes:
@@ -172,25 +178,25 @@ def _send_stream(target: dict, inbox: str, dest: str, items: list[Item], timeout
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors)
         manifest = []
         try:
-            with tarfile.open(fileobj=proc.stdin, mode="w|", bufsize=CHUNK, format=tarfile.PAX_FORMAT) as tar:
-                tar.copybufsize = CHUNK
-                for item in items:
-                    with open(item.source, "rb") as fh:
-                        st = os.fstat(fh.fileno())
-                        info = tarfile.TarInfo(item.name)
-                        info.size, info.mtime, info.mode = st.st_size, int(st.st_mtime), st.st_mode & 0o755
-                        reader = _Hashing(fh)
-                        tar.addfile(info, reader)
-                        if reader.count != st.st_size:
-                            raise TransferError(f"{item.source} changed while it was sent")
-                        manifest.append({"name": item.name, "size": st.st_size, "sha256": reader.sha.hexdigest()})
-                data = _manifest_bytes(manifest)
-                info = tarfile.TarInfo(MANIFEST)
-                info.size = len(data)
-                tar.addfile(info, _BytesReader(data))
+            tar = _TarWriter(proc.stdin.fileno())
+            for item in items:
+                with open(item.source, "rb", buffering=0) as fh:
+                    st = os.fstat(fh.fileno())
+                    info = tarfile.TarInfo(item.name)
+                    info.size, info.mtime, info.mode = st.st_size, int(st.st_mtime), st.st_mode & 0o755
+                    sha = tar.add(info, fh, item.source)
+                    after = os.fstat(fh.fileno())
+                    if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+                        raise TransferError(f"{item.source} changed while it was sent")
+                manifest.append({"name": item.name, "size": st.st_size, "sha256": sha})
+            data = _manifest_bytes(manifest)
+            info = tarfile.TarInfo(MANIFEST)
+            info.size = len(data)
+            tar.add(info, io.BytesIO(data), MANIFEST)
+            tar.close()
             proc.stdin.close()
             proc.stdin = None                  # communicate() must not flush it
-        except (BrokenPipeError, ConnectionResetError, OSError, tarfile.TarError) as exc:
+        except (BrokenPipeError, ConnectionResetError, OSError) as exc:
             proc.kill()
             proc.wait()
             raise TransferError(f"stream cut: {exc}{_tail(errors)}") from None
@@ -207,14 +213,55 @@ def _send_stream(target: dict, inbox: str, dest: str, items: list[Item], timeout
         return _answer(proc.returncode, out, errors, manifest)
 
 
-class _BytesReader:
-    def __init__(self, data: bytes):
-        self.data, self.pos = data, 0
+class _TarWriter:
+    """A tar stream (headers from tarfile, as tarfile.open(mode='w|') writes them) straight
+    to a pipe: each file is read into one buffer, hashed and written from there, and small
+    files are batched, so the data is copied as little as possible."""
 
-    def read(self, n: int = -1) -> bytes:
-        end = len(self.data) if n < 0 else self.pos + n
-        chunk, self.pos = self.data[self.pos:end], min(end, len(self.data))
-        return chunk
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.written = 0
+        self.pending = bytearray()
+        self.buffer = memoryview(bytearray(CHUNK))
+
+    def _write(self, data) -> None:
+        view = memoryview(data)
+        self.written += len(view)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def flush(self) -> None:
+        if self.pending:
+            self._write(self.pending)
+            self.pending.clear()
+
+    def add(self, info: tarfile.TarInfo, fh, label: str) -> str:
+        """Header and exactly info.size bytes of fh; returns their SHA-256."""
+        self.pending += info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+        sha = hashlib.sha256()
+        left = info.size
+        while left:
+            n = fh.readinto(self.buffer[:min(left, CHUNK)])
+            if not n:
+                raise TransferError(f"{label} changed while it was sent (shorter than {info.size} bytes)")
+            chunk = self.buffer[:n]
+            sha.update(chunk)
+            if n < CHUNK // 4 and len(self.pending) + n <= CHUNK:
+                self.pending += chunk          # small files: batched into fewer writes
+            else:
+                self.flush()
+                self._write(chunk)
+            left -= n
+        self.pending += bytes(-info.size % tarfile.BLOCKSIZE)
+        if len(self.pending) >= CHUNK:
+            self.flush()
+        return sha.hexdigest()
+
+    def close(self) -> None:
+        """The end-of-archive blocks, padded to a whole record as tarfile does."""
+        self.pending += bytes(2 * tarfile.BLOCKSIZE)
+        self.pending += bytes(-(self.written + len(self.pending)) % tarfile.RECORDSIZE)
+        self.flush()
 
 
 def _tail(errors) -> str:
@@ -324,13 +371,16 @@ def receive(inbox: str, dest: str, stream, *, commit: str | None = None) -> dict
             # Every file in the staging directory is checked, so that nothing unlisted is placed.
             for root, dirs, files in os.walk(staging):
                 for entry in dirs + files:
+                    if os.path.islink(os.path.join(root, entry)):
+                        raise PathRefused(f"{os.path.relpath(os.path.join(root, entry), staging)}: "
+                                          "only plain files are accepted")
+                for entry in files:
                     full = os.path.join(root, entry)
-                    if os.path.islink(full):
-                        raise PathRefused(f"{os.path.relpath(full, staging)}: only plain files are accepted")
-                    if entry in files:
-                        got[os.path.relpath(full, staging)] = _hash_file(full)
+                    got[os.path.relpath(full, staging)] = _hash_file(full)
         else:
-            with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
+            made = set()
+            # tarfile copies its whole read buffer's rest at every read: a small one for small files.
+            with tarfile.open(fileobj=stream, mode="r|", bufsize=READ_BUFSIZE) as tar:
                 for member in tar:
                     if member.name == MANIFEST:
                         manifest = json.loads(tar.extractfile(member).read().decode())["files"]
@@ -342,8 +392,12 @@ def receive(inbox: str, dest: str, stream, *, commit: str | None = None) -> dict
                         continue
                     if not member.isfile():
                         raise PathRefused(f"{name}: only plain files are accepted")
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    parent = os.path.dirname(path)
+                    if parent not in made:              # (a file of that name makes this fail)
+                        os.makedirs(parent, exist_ok=True)
+                        made.add(parent)
                     got[name] = _write(tar.extractfile(member), path)
+                    os.chmod(path, member.mode & 0o755 | 0o600)
                     os.utime(path, (member.mtime, member.mtime))
         if manifest is None:
             raise TransferError("the stream ended before its manifest: incomplete transfer")
@@ -371,13 +425,15 @@ def receive(inbox: str, dest: str, stream, *, commit: str | None = None) -> dict
 def _write(source, path: str) -> tuple[int, str]:
     sha = hashlib.sha256()
     size = 0
-    with open(path, "xb") as out:            # x: the same name twice in a stream is refused
-        while True:
-            chunk = source.read(CHUNK)
-            if not chunk:
-                break
+    with open(path, "xb", buffering=0) as out:   # x: the same name twice in a stream is refused
+        # Pieces of 64 KiB: larger reads make tarfile allocate (and the kernel fault in) fresh
+        # memory for every piece, and larger writes get large page-cache folios, both of which
+        # cost more than the data's copy itself (measured: 1 GiB over ssh 5.0 s -> 3.4 s).
+        while chunk := source.read(WRITE_PIECE):
             sha.update(chunk)
-            out.write(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[out.write(view):]
             size += len(chunk)
     return size, sha.hexdigest()
 
@@ -422,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = receive(args.inbox, args.dest, sys.stdin.buffer, commit=args.commit)
-    except (TransferError, PathRefused, OSError, ValueError, KeyError, tarfile.TarError) as exc:
+    except (TransferError, PathRefused, OSError, ValueError, KeyError, TypeError, tarfile.TarError) as exc:
         print(json.dumps({"ok": False, "error": str(exc) or type(exc).__name__}), flush=True)
         return 1
     print(json.dumps(report), flush=True)

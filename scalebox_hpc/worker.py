@@ -535,10 +535,6 @@ class Worker:
                 if not target.get("inbox"):
                     raise transfer.TransferError(f"site {site} has no inbox for forwarded files: set 'inbox' "
                                                  "in its site config")
-                for m in messages:
-                    files = wanted.get(id(m))
-                    if files is not None and (not isinstance(files, list) or not all(isinstance(f, str) for f in files)):
-                        raise transfer.PathRefused(f"header 'files' of a message to {site} must be a list of paths")
                 roots = {m.headers.get("files_root") for m in messages if id(m) in wanted}
                 if len(roots) > 1:
                     raise transfer.PathRefused("messages of one task to one site name different files_root headers")
