@@ -107,19 +107,20 @@ class SSHConnection:
 
     def _open(self, s: SSHSettings, sock=None, known_hosts: str | None = None):
         import paramiko
+        label = self._label() if s is self.settings else f"{self._label()} via jump host {s.where}"
         client = paramiko.SSHClient()
         known = _expand(known_hosts or s.known_hosts)
         try:
             client.load_host_keys(known)
         except FileNotFoundError:
-            raise HostKeyError(f"{self._label()}: known_hosts file {known} not found: create it with the "
+            raise HostKeyError(f"{label}: known_hosts file {known} not found: create it with the "
                                f"login node's key, checked with the site (ssh-keyscan -p {s.port} {s.host})") from None
         except OSError as exc:
-            raise HostKeyError(f"{self._label()}: cannot read known_hosts {known}: {exc}") from None
+            raise HostKeyError(f"{label}: cannot read known_hosts {known}: {exc}") from None
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         key = _expand(s.key)
         if key and not os.path.isfile(key):
-            raise SSHError(f"{self._label()}: key file {key} not found (ssh.key in the site config: a private "
+            raise SSHError(f"{label}: key file {key} not found (ssh.key in the site config: a private "
                            "key; scalebox-hpc never uses passwords)")
         try:
             client.connect(s.host, s.port, username=s.user or _local_user(), key_filename=key,
@@ -127,21 +128,21 @@ class SSHConnection:
                            banner_timeout=s.connect_timeout, auth_timeout=s.connect_timeout, sock=sock)
         except paramiko.BadHostKeyException as exc:
             raise HostKeyError(
-                f"{self._label()}: the host key of {s.host}:{s.port} does not match {known} (offered "
+                f"{label}: the host key of {s.host}:{s.port} does not match {known} (offered "
                 f"{exc.key.get_name()} {_fingerprint(exc.key)}): refusing to connect. If the site really "
                 f"changed its key, check the new fingerprint with the site and replace the line") from None
         except paramiko.SSHException as exc:
             if "not found in known_hosts" in str(exc):
                 raise HostKeyError(
-                    f"{self._label()}: the host key of {s.host}:{s.port} is not in {known}: refusing to "
+                    f"{label}: the host key of {s.host}:{s.port} is not in {known}: refusing to "
                     f"connect. Check the key's fingerprint with the site, then add it "
                     f"(ssh-keyscan -p {s.port} {s.host} >> {known})") from None
             if isinstance(exc, paramiko.PasswordRequiredException):
-                raise SSHError(f"{self._label()}: key {key} is encrypted: use ssh-agent (leave 'key' unset) "
+                raise SSHError(f"{label}: key {key} is encrypted: use ssh-agent (leave 'key' unset) "
                                "or a key without passphrase; scalebox-hpc never prompts") from None
-            raise SSHError(f"{self._label()}: {exc}") from None
+            raise SSHError(f"{label}: {exc}") from None
         except (OSError, EOFError) as exc:
-            raise SSHError(f"{self._label()}: cannot connect: {exc}") from None
+            raise SSHError(f"{label}: cannot connect: {exc}") from None
         transport = client.get_transport()
         transport.set_keepalive(15)
         return client

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import EXAMPLES, REPO
 from test_faults import query
@@ -291,3 +292,68 @@ def test_connection_to_login_node_comes_back(two_sites):
         assert conn.connects == 2
     finally:
         conn.close()
+
+
+def _site_config(site, tmp_path, **ssh):
+    from scalebox_hpc.siteconfig import load_site
+    config = yaml.safe_load(site.config_yaml("host=/nonexistent"))
+    config["ssh"].update(ssh)
+    path = tmp_path / f"site-{site.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return load_site(path)
+
+
+def test_mfa_site_through_the_users_control_master(two_sites, tmp_path):
+    """With control_path, commands go through the master connection the user opened
+    (once, with MFA at a real site): they work while it lives and need no login of
+    their own; once it is gone they fail, rather than try to log in."""
+    from scalebox_hpc.sites.slurm import SchedulerError, SlurmCLI, SSHRunner
+    from scalebox_hpc.ssh import connect
+
+    site = two_sites.a
+    sock = tmp_path / "cm"
+    master = ["ssh", "-S", str(sock), "-p", str(site.ssh_port), "-i", site.ssh_key, "-o", "IdentitiesOnly=yes",
+              "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={site.known_hosts}", "root@127.0.0.1"]
+    subprocess.run([*master[:1], "-M", "-f", "-N", *master[1:]], check=True, timeout=30)
+    # The key is not needed any more: the socket is the login (as after an MFA prompt).
+    config = _site_config(site, tmp_path, control_path=str(sock), key=None)
+    slurm = SlurmCLI(SSHRunner(connect(config.ssh, site="site-a")))
+    try:
+        assert "main" in slurm.partition("main")
+        job = slurm.submit("#!/bin/bash\n#SBATCH --job-name=sbx-cm-test\n#SBATCH --output=/dev/null\ntrue\n")
+        out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%j"], env=site.slurm_env(),
+                             capture_output=True, text=True, check=True).stdout.split()
+        assert out == ["sbx-cm-test"]
+    finally:
+        subprocess.run([*master[:1], "-O", "exit", *master[1:]], capture_output=True, timeout=30)
+    with pytest.raises(SchedulerError, match="ssh failed"):
+        slurm.jobs("sbx-")
+
+
+def test_site_behind_a_jump_host(two_sites, tmp_path):
+    """Site B reached through site A's login node as a bastion (paramiko direct-tcpip),
+    both host keys checked."""
+    from scalebox_hpc.sites.slurm import SlurmCLI, SSHRunner
+    from scalebox_hpc.ssh import HostKeyError, connect
+
+    a, b = two_sites.a, two_sites.b
+    both = tmp_path / "known_hosts"
+    both.write_text(Path(a.known_hosts).read_text() + Path(b.known_hosts).read_text())
+    jump = {"host": "127.0.0.1", "port": a.ssh_port, "user": "root", "key": a.ssh_key}
+    config = _site_config(b, tmp_path, known_hosts=str(both), jump=jump)
+    assert (config.ssh.jump.host, config.ssh.jump.port) == ("127.0.0.1", a.ssh_port)
+    slurm = SlurmCLI(SSHRunner(connect(config.ssh, site="site-b")))
+    try:
+        # sbxb's partition answers: the command ran on B's login node, via A.
+        assert "main" in slurm.partition("main")
+        assert slurm.run(["printenv", "SLURM_CONF"]).strip() == b.slurm_conf
+    finally:
+        slurm.run.close()
+    # The bastion's own key is checked too: without it in known_hosts, no connection.
+    only_b = tmp_path / "known_hosts_b"
+    only_b.write_text(Path(b.known_hosts).read_text())
+    config = _site_config(b, tmp_path, known_hosts=str(only_b), jump=jump)
+    conn = connect(config.ssh, site="site-b")
+    with pytest.raises(HostKeyError, match="is not in"):
+        conn.run(["true"])
+    conn.close()
