@@ -6,7 +6,7 @@
 2. exec mode: an app of N /bin/true tasks in IMAGE, one worker, one `apptainer exec`
    per task;
 3. instance mode: the same with container_mode: instance (one instance for the worker,
-   `exec instance://` per task).
+   its agent starting each task's program).
 Per-task time of 2 and 3 is taken from the first claim to the last commit (no start-up or
 finish detection in it; the instance start is in it). Prints seconds per task and the
 ratios: exec / floor (target <= 1.1) and exec / instance (target >= 3).

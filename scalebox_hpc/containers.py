@@ -5,9 +5,13 @@ the image (a .sif file, a sandbox directory, or a docker:// / oras:// / library:
 pulled once per site into the image cache) and the mode:
 
 - ``exec``: one `apptainer exec` per task;
-- ``instance``: one `apptainer instance start` per worker, then `exec instance://NAME`
-  per task (no image mount per task: much faster for short tasks), stopped when the
-  worker leaves.
+- ``instance``: one `apptainer instance start` per worker, stopped when the worker
+  leaves. Inside it runs one small agent (a POSIX shell loop, started once with `exec
+  instance://NAME`) that starts each task's program: a task then costs a fork and an
+  exec, not a container entry. The task's argv and environment reach the program
+  through a NUL-separated file read by `xargs -0` (never through a shell string); an
+  image without `xargs` and `env`, or a call too large for one `xargs` command line,
+  falls back to one `exec instance://NAME` per task.
 
 Commands are built with spython's client (its command layer, pointed at the site's
 binary); they are started like host programs (posix_spawn, pidfd timeouts, captured
@@ -24,12 +28,14 @@ import fcntl
 import logging
 import os
 import re
+import select
 import shutil
+import signal
 import subprocess
 import time
 
 from .errors import ScaleboxError
-from .runtime import HostRuntime
+from .runtime import TIMEOUT_CODE, HostRuntime, ProgramResult, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,22 @@ CODE_IMAGE = -104            # the image cannot be found, pulled or started
 REMOTE_IMAGE = re.compile(r"^(docker|oras|library|shub|https?)://")
 CONTAINER_WORK = "/work"
 CONTAINER_CODE = "/app/bin"
+# The agent in an instance: for each line on stdin, run the call in /work/.sbx-call
+# (NUL-separated: VAR=value..., program, body, headers) with a clean environment (the
+# container's PATH and HOME kept), output to files in /work, and answer the exit status.
+# The script is constant: no task data is ever part of a shell string.
+AGENT_CALL, AGENT_OUT, AGENT_ERR = ".sbx-call", ".sbx-stdout", ".sbx-stderr"
+AGENT_FILES = (AGENT_CALL, AGENT_OUT, AGENT_ERR)
+AGENT_SCRIPT = (
+    'command -v xargs >/dev/null && command -v env >/dev/null || { echo "no xargs/env"; exit 3; }; '
+    'echo ready; '
+    'while IFS= read -r _; do '
+    'xargs -0 -x sh -c \'env -i PATH="$PATH" HOME="$HOME" "$@"; echo "$?" >&3\' sh '
+    '3>&1 <' + CONTAINER_WORK + '/' + AGENT_CALL + ' >' + CONTAINER_WORK + '/' + AGENT_OUT +
+    ' 2>' + CONTAINER_WORK + '/' + AGENT_ERR + ' || echo 126; '
+    'done')
+# xargs must never split a call in two: larger calls take the per-task exec path.
+AGENT_MAX_CALL = 96 * 1024
 # Variables the runtime binary itself needs from the worker's environment.
 PASS_THROUGH = ("PATH", "HOME", "USER", "LOGNAME", "TMPDIR", "LANG", "XDG_RUNTIME_DIR")
 
@@ -151,6 +173,8 @@ class ContainerRuntime(HostRuntime):
         self.env_prefix = "SINGULARITYENV_" if binary and os.path.basename(binary) == "singularity" \
             else "APPTAINERENV_"
         self._client = None
+        self.agent: subprocess.Popen | None = None
+        self.agent_broken = False             # the image cannot run the agent: exec per task
 
     @property
     def client(self):
@@ -202,6 +226,7 @@ class ContainerRuntime(HostRuntime):
         log.info("instance %s of %s started", self.name, self.image)
 
     def close(self) -> None:
+        self._stop_agent()
         if self.instance_up:
             argv = self.client._init_command(["instance", "stop"]) + [self.name]
             try:
@@ -226,17 +251,10 @@ class ContainerRuntime(HostRuntime):
         return env
 
     def spawn(self, program, body, headers_json, env, cwd):
-        # A clean environment: the task's own variables only, with paths in WORK_DIR (a
-        # body too long for argv is a file there) as the container sees them.
-        host_work = self.workdir.rstrip("/") + "/"
-
-        def seen(value: str) -> str:
-            return CONTAINER_WORK + "/" + value[len(host_work):] if value.startswith(host_work) else value
-
-        task_env = {k: seen(v) for k, v in env.items() if k in self.variables}
-        task_env["WORK_DIR"] = CONTAINER_WORK
-        if "SCALEBOX_BODY_FILE" in env and body == env["SCALEBOX_BODY_FILE"]:
-            body = seen(body)
+        # A clean environment; a body too long for argv is a file in WORK_DIR.
+        task_env = self._task_env(env)
+        if body == env.get("SCALEBOX_BODY_FILE"):
+            body = self._seen(body)
         argv = self.client._init_command("exec")
         if self.mode == "instance":
             argv += ["--pwd", CONTAINER_WORK, f"instance://{self.name}"]
@@ -245,3 +263,141 @@ class ContainerRuntime(HostRuntime):
             # a cwd under /work would leave an empty mount point in WORK_DIR).
             argv += ["--cleanenv", "--no-mount", "cwd", "--pwd", CONTAINER_WORK, *self._bind_flags(), self.image]
         return self.binary, argv + [self.inside(program), body, headers_json], self._runtime_env(task_env)
+
+    # -- the agent in an instance ---------------------------------------------------------
+    def _seen(self, value: str) -> str:
+        """A path in WORK_DIR as the container sees it (under /work)."""
+        host_work = self.workdir.rstrip("/") + "/"
+        return CONTAINER_WORK + "/" + value[len(host_work):] if value.startswith(host_work) else value
+
+    def _task_env(self, env: dict[str, str]) -> dict[str, str]:
+        """The task's own variables only (a clean environment), paths as the container sees them."""
+        task_env = {k: self._seen(v) for k, v in env.items() if k in self.variables}
+        task_env["WORK_DIR"] = CONTAINER_WORK
+        return task_env
+
+    def _start_agent(self) -> bool:
+        argv = self.client._init_command("exec") + ["--pwd", CONTAINER_WORK, f"instance://{self.name}",
+                                                    "/bin/sh", "-c", AGENT_SCRIPT]
+        try:
+            self.agent = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL, env=self._runtime_env({}),
+                                          cwd=self.workdir, start_new_session=True)
+        except OSError as exc:
+            log.warning("instance %s: cannot start the task agent (%s): one exec per task", self.name, exc)
+            self.agent_broken = True
+            return False
+        answer = self._read_line(60.0)
+        if answer != "ready":
+            log.warning("instance %s: no task agent in this image (%s): one exec per task", self.name,
+                        answer or "no answer")
+            self._stop_agent()
+            self.agent_broken = True
+            return False
+        return True
+
+    def _read_line(self, timeout: float | None) -> str | None:
+        """One line from the agent, or None when it ended or the time ran out."""
+        fd = self.agent.stdout.fileno()
+        if timeout is not None and not select.select([fd], [], [], max(0.0, timeout))[0]:
+            return None
+        line = self.agent.stdout.readline()
+        return line.decode(errors="replace").strip() if line else None
+
+    def _stop_agent(self) -> None:
+        agent, self.agent = self.agent, None
+        if agent is None:
+            return
+        try:
+            os.killpg(agent.pid, signal.SIGTERM)
+            try:
+                agent.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+            os.killpg(agent.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        agent.wait()
+        for fh in (agent.stdin, agent.stdout):
+            fh.close()
+
+    def run(self, program, body, headers_json, *, env, cwd, timeout, stdout, stderr, on_start=None):
+        if self.mode != "instance" or self.agent_broken:
+            return super().run(program, body, headers_json, env=env, cwd=cwd, timeout=timeout,
+                               stdout=stdout, stderr=stderr, on_start=on_start)
+        inside = self.inside(program)
+        seen_body = self._seen(body) if body == env.get("SCALEBOX_BODY_FILE") else body
+        words = [f"{k}={v}" for k, v in self._task_env(env).items()] + [inside, seen_body, headers_json]
+        call = b"\0".join(w.encode() for w in words) + b"\0"
+        if "=" in inside or any("\0" in w for w in words) or len(call) > AGENT_MAX_CALL:
+            # env would read the program as a variable / a NUL cannot be passed / xargs would split it.
+            return super().run(program, body, headers_json, env=env, cwd=cwd, timeout=timeout,
+                               stdout=stdout, stderr=stderr, on_start=on_start)
+        if (self.agent is None or self.agent.poll() is not None) and not self._start_agent():
+            return super().run(program, body, headers_json, env=env, cwd=cwd, timeout=timeout,
+                               stdout=stdout, stderr=stderr, on_start=on_start)
+        stdout.reset()
+        stderr.reset()
+        self._killed = False
+        with open(os.path.join(self.workdir, AGENT_CALL), "wb") as fh:
+            fh.write(call)
+        started = utcnow()
+        self._pid = self.agent.pid
+        try:
+            self.agent.stdin.write(b"\n")
+            self.agent.stdin.flush()
+        except OSError:
+            self._stop_agent()
+            return super().run(program, body, headers_json, env=env, cwd=cwd, timeout=timeout,
+                               stdout=stdout, stderr=stderr, on_start=on_start)
+        if on_start:
+            on_start()
+        answer = self._read_line(timeout)
+        ended = utcnow()
+        self._pid = None
+        timed_out = answer is None and self.agent is not None and self.agent.poll() is None and not self._killed
+        if answer is None:
+            self._stop_agent()                 # stops the program with it; a new agent serves the next task
+        for name, buffer in ((AGENT_OUT, stdout), (AGENT_ERR, stderr)):
+            self._collect_output(os.path.join(self.workdir, name), buffer)
+        for name in AGENT_FILES:
+            try:
+                os.unlink(os.path.join(self.workdir, name))
+            except OSError:
+                pass
+        if timed_out:
+            code = TIMEOUT_CODE
+            stderr.write(f"\nscalebox-hpc: killed after task_max_seconds={timeout:g}\n")
+        elif answer is None or not answer.isdigit():
+            code = 128 + signal.SIGKILL if self._killed else 125
+            if not self._killed:
+                stderr.write(f"\nscalebox-hpc: the task agent in instance {self.name} ended unexpectedly\n")
+        else:
+            code = int(answer)
+        return ProgramResult(code, started, ended, stdout.text(), stderr.text(), timed_out, self._killed)
+
+    @staticmethod
+    def _collect_output(path: str, buffer) -> None:
+        """Copy what the program wrote (its tail, as much as the buffer keeps) into the buffer."""
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size > buffer.limit:
+                    fh.seek(size - buffer.limit)
+                data = fh.read()
+        except OSError:
+            return
+        if data:
+            os.write(buffer.fd, data)
+            buffer.dirty = True
+
+    def kill(self) -> None:
+        """Stop the running program (from another thread): in agent mode, the agent with it."""
+        if self.mode == "instance" and self.agent is not None and self._pid is not None:
+            self._killed = True
+            try:
+                os.killpg(self.agent.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return
+        super().kill()

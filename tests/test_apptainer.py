@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -77,6 +78,71 @@ def test_program_contract_inside_the_container(container_env, dsn, open_dir, mod
         wait_for(stopped, timeout=30, interval=1, what="the workers' instances to stop")
     else:
         assert "instance sbx-" not in logs
+
+
+ARGS = """#!/bin/sh
+# Prints each argument between brackets (trailing newlines and empties show), then exits with $EXIT.
+for a in "$@"; do printf '[%s]' "$a"; done
+printf 'env:%s' "$(env | grep -c SBX_LEAK)"
+echo "to stderr" >&2
+exit "${EXIT:-0}"
+"""
+
+
+def test_instance_agent_runs_each_task_exactly(container_env, open_dir, monkeypatch):
+    """The agent inside an instance: argv byte for byte (empty, trailing newlines, quotes,
+    '='), exit codes, stderr, a clean environment, a timeout that keeps partial output,
+    a kill from another thread, and the per-task exec fallback for a call too big for it."""
+    from scalebox_hpc.containers import AGENT_FILES, ContainerRuntime, find_runtime
+    from scalebox_hpc.runtime import OutputBuffer
+
+    for key, value in container_env.items():
+        monkeypatch.setenv(key, value)
+    code = open_dir()
+    (code / "args.sh").write_text(ARGS)
+    (code / "args.sh").chmod(0o755)
+    (code / "slow.sh").write_text("#!/bin/sh\necho started\nsleep 30\n")
+    (code / "slow.sh").chmod(0o755)
+    scratch = open_dir()
+    work, data = scratch / "work", scratch / "data"
+    work.mkdir()
+    data.mkdir()
+    for d in (work, data):
+        d.chmod(0o777)
+    rt = ContainerRuntime(binary=find_runtime(None), image=container_env["SBX_TEST_IMAGE_SIF"], mode="instance",
+                          code_path=str(code), workdir=str(work), data_dir=str(data), volumes=[],
+                          cache_dir=str(scratch / "cache"), name=f"sbx-agent-test-{os.getpid()}",
+                          variables={"EXIT", "WORK_DIR"})
+    out, err = OutputBuffer("out", 4096), OutputBuffer("err", 4096)
+
+    def run(body, exit_code=0, program="args.sh", timeout=None):
+        env = {"EXIT": str(exit_code), "WORK_DIR": str(work), "SBX_LEAK": "x"}
+        return rt.run(str(code / program), body, '{"h": "v"}', env=env, cwd=str(work), timeout=timeout,
+                      stdout=out, stderr=err)
+
+    try:
+        rt.prepare()
+        for body in ["", "two\n\n", "it's \"q\"; $(id) `id` a=b \\ *", "ünï"]:
+            result = run(body)
+            assert result.code == 0 and result.stdout == f'[{body}][{{"h": "v"}}]env:0', result
+            assert result.stderr == "to stderr\n"
+        assert rt.agent is not None and rt.agent.poll() is None   # the agent served them all
+        agent_pid = rt.agent.pid
+        assert run("x", exit_code=3).code == 3
+        assert rt.agent.pid == agent_pid
+        assert sorted(os.listdir(work)) == []                     # no control file left behind
+        slow = run("x", program="slow.sh", timeout=1.5)
+        assert slow.code == 124 and slow.timed_out and slow.stdout == "started\n"
+        assert "task_max_seconds=1.5" in slow.stderr
+        assert run("after").code == 0 and rt.agent.pid != agent_pid   # a new agent took over
+        threading.Timer(1.0, rt.kill).start()
+        killed = run("x", program="slow.sh")
+        assert killed.killed and killed.code != 0
+        big = run("y" * (100 * 1024))                              # over the agent's call limit: exec path
+        assert big.code == 0 and big.stdout.endswith('yyyy][{"h": "v"}]env:0')
+        assert not any(os.path.exists(work / f) for f in AGENT_FILES)
+    finally:
+        rt.close()
 
 
 def test_missing_image_and_failed_pull_are_task_errors(container_env, dsn, open_dir):
