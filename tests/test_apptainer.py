@@ -109,6 +109,8 @@ def test_instance_agent_runs_each_task_exactly(container_env, open_dir, monkeypa
     data.mkdir()
     for d in (work, data):
         d.chmod(0o777)
+    # The runtime moves into WORK_DIR to start programs (as a worker does): come back after.
+    monkeypatch.chdir(work)
     rt = ContainerRuntime(binary=find_runtime(None), image=container_env["SBX_TEST_IMAGE_SIF"], mode="instance",
                           code_path=str(code), workdir=str(work), data_dir=str(data), volumes=[],
                           cache_dir=str(scratch / "cache"), name=f"sbx-agent-test-{os.getpid()}",
