@@ -55,7 +55,7 @@ AGENT_SCRIPT = (
     'command -v xargs >/dev/null && command -v env >/dev/null || { echo "no xargs/env"; exit 3; }; '
     'echo ready; '
     'while IFS= read -r _; do '
-    'xargs -0 -x sh -c \'env -i PATH="$PATH" HOME="$HOME" "$@"; echo "$?" >&3\' sh '
+    'xargs -0 -x sh -c \'env -i PATH="$PATH" HOME="$HOME" "$@" 3>&-; echo "$?" >&3\' sh '
     '3>&1 <' + CONTAINER_WORK + '/' + AGENT_CALL + ' >' + CONTAINER_WORK + '/' + AGENT_OUT +
     ' 2>' + CONTAINER_WORK + '/' + AGENT_ERR + ' || echo 126; '
     'done')
@@ -383,7 +383,7 @@ class ContainerRuntime(HostRuntime):
             with open(path, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
                 if size > buffer.limit:
-                    fh.seek(size - buffer.limit)
+                    fh.seek(size - buffer.limit - 1)   # one byte more: the buffer marks the cut
                 data = fh.read()
         except OSError:
             return
