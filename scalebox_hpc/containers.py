@@ -322,20 +322,22 @@ class ContainerRuntime(HostRuntime):
             fh.close()
 
     def run(self, program, body, headers_json, *, env, cwd, timeout, stdout, stderr, on_start=None):
+        def exec_per_task():
+            return super(ContainerRuntime, self).run(program, body, headers_json, env=env, cwd=cwd,
+                                                     timeout=timeout, stdout=stdout, stderr=stderr,
+                                                     on_start=on_start)
+
         if self.mode != "instance" or self.agent_broken:
-            return super().run(program, body, headers_json, env=env, cwd=cwd, timeout=timeout,
-                               stdout=stdout, stderr=stderr, on_start=on_start)
+            return exec_per_task()
         inside = self.inside(program)
         seen_body = self._seen(body) if body == env.get("SCALEBOX_BODY_FILE") else body
         words = [f"{k}={v}" for k, v in self._task_env(env).items()] + [inside, seen_body, headers_json]
         call = b"\0".join(w.encode() for w in words) + b"\0"
         if "=" in inside or any("\0" in w for w in words) or len(call) > AGENT_MAX_CALL:
             # env would read the program as a variable / a NUL cannot be passed / xargs would split it.
-            return super().run(program, body, headers_json, env=env, cwd=cwd, timeout=timeout,
-                               stdout=stdout, stderr=stderr, on_start=on_start)
+            return exec_per_task()
         if (self.agent is None or self.agent.poll() is not None) and not self._start_agent():
-            return super().run(program, body, headers_json, env=env, cwd=cwd, timeout=timeout,
-                               stdout=stdout, stderr=stderr, on_start=on_start)
+            return exec_per_task()
         stdout.reset()
         stderr.reset()
         self._killed = False
@@ -346,10 +348,11 @@ class ContainerRuntime(HostRuntime):
         try:
             self.agent.stdin.write(b"\n")
             self.agent.stdin.flush()
-        except OSError:
+        except OSError:                        # the agent just ended: this task goes the long way
+            self._pid = None
             self._stop_agent()
-            return super().run(program, body, headers_json, env=env, cwd=cwd, timeout=timeout,
-                               stdout=stdout, stderr=stderr, on_start=on_start)
+            os.unlink(os.path.join(self.workdir, AGENT_CALL))
+            return exec_per_task()
         if on_start:
             on_start()
         answer = self._read_line(timeout)
