@@ -97,7 +97,7 @@ def sftp_per_file(settings: ssh.SSHSettings, src: Path, remote: Path) -> None:
     """The naive baseline: one connection, one SFTP put per file."""
     conn = ssh.SSHConnection(settings)
     try:
-        sftp = conn._client().open_sftp()
+        sftp = conn.open_sftp()
         sftp.mkdir(str(remote))
         for root, dirs, files in os.walk(src):
             dirs.sort()

@@ -391,8 +391,7 @@ class ContainerRuntime(HostRuntime):
         except OSError:
             return
         if data:
-            os.write(buffer.fd, data)
-            buffer.dirty = True
+            buffer.write_bytes(data)
 
     def kill(self) -> None:
         """Stop the running program (from another thread): in agent mode, the agent with it."""

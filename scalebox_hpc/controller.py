@@ -112,7 +112,6 @@ class Controller:
                 log.info("site %s: worker(s) %s gone", name, sorted(gone))
             still = [w for w in live if w.id not in gone]
             self.site_load[name] = (len(still), sum(w.status == "PENDING" for w in still))
-        self._write_site_status()
 
     def _write_site_status(self) -> None:
         """Record each site's OK/DEGRADED state where 'site list' reads it, when it changed."""

@@ -54,7 +54,10 @@ class OutputBuffer:
             self.dirty = False
 
     def write(self, text: str) -> None:
-        os.write(self.fd, text.encode())
+        self.write_bytes(text.encode())
+
+    def write_bytes(self, data: bytes) -> None:
+        os.write(self.fd, data)
         self.dirty = True
 
     def text(self) -> str:

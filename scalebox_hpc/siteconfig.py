@@ -306,12 +306,16 @@ class _SiteParser(_AppParser):
     def ssh(self, entry: _Entry) -> SSHSettings | None:
         if entry.value is None:
             return None
-        entries = self.collect(self.mapping(entry), entry.key, {key: key for key in SSH_KEYS}, {})
+        return self.ssh_fields(entry, SSH_KEYS, "'host' is missing: the login node to run sbatch on")
+
+    def ssh_fields(self, entry: _Entry, keys: Sequence[str], missing_host: str) -> SSHSettings:
+        """SSHSettings from a mapping that may hold these keys (the login node's, or a jump host's)."""
+        entries = self.collect(self.mapping(entry), entry.key, {key: key for key in keys}, {})
         if "host" not in entries:
-            raise self.error("'host' is missing: the login node to run sbatch on", entry.key, entry.line)
+            raise self.error(missing_host, entry.key, entry.line)
         settings = SSHSettings(host=self.host_name(entries["host"]))
         for key, sub in entries.items():
-            if key in ("port",):
+            if key == "port":
                 settings.port = self.integer(sub, 1) or 22
                 if settings.port > 65535:
                     raise self.error(f"port {settings.port} is not a TCP port", sub.key, sub.line)
@@ -343,24 +347,14 @@ class _SiteParser(_AppParser):
     def jump(self, entry: _Entry) -> SSHSettings | None:
         if entry.value is None:
             return None
-        if isinstance(entry.value, str):
-            try:
-                jump = parse_jump(entry.value.strip())
-            except ValueError as exc:
-                raise self.error(str(exc), entry.key, entry.line) from None
-            if not _HOST.fullmatch(jump.host):
-                raise self.error(f"invalid host name {jump.host!r}", entry.key, entry.line)
-            return jump
-        entries = self.collect(self.mapping(entry), entry.key, {k: k for k in ("host", "port", "user", "key")}, {})
-        if "host" not in entries:
-            raise self.error("'host' is missing", entry.key, entry.line)
-        jump = SSHSettings(host=self.host_name(entries["host"]))
-        if "port" in entries:
-            jump.port = self.integer(entries["port"], 1) or 22
-        if "user" in entries:
-            jump.user = self.script_value(entries["user"])
-        if "key" in entries:
-            jump.key = self.line_text(entries["key"])
+        if not isinstance(entry.value, str):
+            return self.ssh_fields(entry, ("host", "port", "user", "key"), "'host' is missing")
+        try:
+            jump = parse_jump(entry.value.strip())
+        except ValueError as exc:
+            raise self.error(str(exc), entry.key, entry.line) from None
+        if not _HOST.fullmatch(jump.host):
+            raise self.error(f"invalid host name {jump.host!r}", entry.key, entry.line)
         return jump
 
     def template(self, entry: _Entry) -> str | None:

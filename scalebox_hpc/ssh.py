@@ -36,6 +36,10 @@ class HostKeyError(SSHError):
     """The login node's host key is unknown or differs from known_hosts."""
 
 
+# What the OpenSSH client says of an unknown or changed host key.
+HOST_KEY_FAILED = "Host key verification failed"
+
+
 @dataclass
 class SSHSettings:
     host: str
@@ -48,6 +52,17 @@ class SSHSettings:
     control_persist: int = 60          # seconds the transfers' own master connection outlives its use
     login_shell: bool = False          # run commands under 'bash -l' (sites whose Slurm needs the profile)
     connect_timeout: float = 20.0
+
+    def remote_command(self, argv: list[str]) -> str:
+        """The command line the login node's shell runs for argv (every word quoted)."""
+        command = shlex.join(argv)
+        return shlex.join(["bash", "-lc", command]) if self.login_shell else command
+
+    def hop(self) -> "SSHSettings":
+        """The jump host's settings: its own, else the login node's key, user and known_hosts."""
+        return SSHSettings(**{**self.jump.__dict__, "key": self.jump.key or self.key,
+                              "user": self.jump.user or self.user, "known_hosts": self.known_hosts,
+                              "control_persist": 0, "jump": None})
 
     @property
     def where(self) -> str:
@@ -105,11 +120,11 @@ class SSHConnection:
     def _label(self) -> str:
         return f"site {self.site} ({self.settings.where})" if self.site else self.settings.where
 
-    def _open(self, s: SSHSettings, sock=None, known_hosts: str | None = None):
+    def _open(self, s: SSHSettings, sock=None):
         import paramiko
         label = self._label() if s is self.settings else f"{self._label()} via jump host {s.where}"
         client = paramiko.SSHClient()
-        known = _expand(known_hosts or s.known_hosts)
+        known = _expand(s.known_hosts)
         try:
             client.load_host_keys(known)
         except FileNotFoundError:
@@ -159,23 +174,16 @@ class SSHConnection:
         try:
             sock = None
             if s.jump:
-                jump = SSHSettings(**{**s.jump.__dict__, "key": s.jump.key or s.key,
-                                      "user": s.jump.user or s.user})
-                self.jump_client = self._open(jump, known_hosts=s.known_hosts)
+                self.jump_client = self._open(s.hop())
                 sock = self.jump_client.get_transport().open_channel("direct-tcpip", (s.host, s.port), ("", 0))
             self.client = self._open(s, sock=sock)
-        except SSHError as exc:
-            self.failures += 1
-            self.next_try = time.monotonic() + min(300.0, 2.0 * 2 ** min(self.failures - 1, 8))
-            self.last_error, self.last_class = str(exc), type(exc)
-            self._drop()
-            raise
         except Exception as exc:          # paramiko raises a zoo of exceptions from the jump channel
+            error = exc if isinstance(exc, SSHError) else SSHError(f"{self._label()}: cannot connect: {exc}")
             self.failures += 1
             self.next_try = time.monotonic() + min(300.0, 2.0 * 2 ** min(self.failures - 1, 8))
-            self.last_error, self.last_class = str(exc), SSHError
+            self.last_error, self.last_class = str(error), type(error)
             self._drop()
-            raise SSHError(f"{self._label()}: cannot connect: {exc}") from None
+            raise error from None
         if self.failures:
             log.info("%s: connected again after %d failure(s)", self._label(), self.failures)
         self.failures, self.next_try, self.last_error = 0, 0.0, None
@@ -194,9 +202,7 @@ class SSHConnection:
     def run(self, argv: list[str], input: bytes | None = None, timeout: float = 60.0) -> tuple[int, str, str]:
         """Run a command (argv, each word quoted for the remote shell) on the login node;
         returns (exit status, stdout, stderr). Raises SSHError when the connection fails."""
-        command = shlex.join(argv)
-        if self.settings.login_shell:
-            command = shlex.join(["bash", "-lc", command])
+        command = self.settings.remote_command(argv)
         with self.lock:
             client = self._client()
             sent = False
@@ -222,6 +228,11 @@ class SSHConnection:
                 raise SSHError(f"{self._label()}: connection lost while running {argv[0]}", sent=True)
         return status, out.decode(errors="replace"), err.decode(errors="replace")
 
+    def open_sftp(self):
+        """An SFTP session on this connection (opened if need be)."""
+        with self.lock:
+            return self._client().open_sftp()
+
     def close(self) -> None:
         with self.lock:
             self._drop()
@@ -238,10 +249,10 @@ def _local_user() -> str:
 CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr"
 
 
-def openssh_argv(s: SSHSettings, *, batch_mode: bool = True) -> list[str]:
+def openssh_argv(s: SSHSettings) -> list[str]:
     """The OpenSSH client's argv up to and including the destination (the command
     follows). Host keys are checked strictly against the site's known_hosts."""
-    argv = ["ssh", "-p", str(s.port), "-o", "BatchMode=yes" if batch_mode else "BatchMode=no",
+    argv = ["ssh", "-p", str(s.port), "-o", "BatchMode=yes",
             "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={_expand(s.known_hosts)}",
             "-o", f"ConnectTimeout={int(s.connect_timeout)}", "-o", "ServerAliveInterval=15",
             "-o", "ServerAliveCountMax=4", "-o", "LogLevel=ERROR", "-o", f"Ciphers={CIPHERS}"]
@@ -263,9 +274,7 @@ def openssh_argv(s: SSHSettings, *, batch_mode: bool = True) -> list[str]:
                  "-o", f"ControlPath={folder}/{tag}-%C"]
     if s.jump:
         # Not -J: options given here would not apply to the jump host, its key least of all.
-        j = SSHSettings(**{**s.jump.__dict__, "key": s.jump.key or s.key, "user": s.jump.user or s.user,
-                           "known_hosts": s.known_hosts, "control_persist": 0, "jump": None})
-        hop = openssh_argv(j)
+        hop = openssh_argv(s.hop())
         argv += ["-o", "ProxyCommand=" + shlex.join([*hop[:-1], "-W", "%h:%p", hop[-1]])]
     argv.append(f"{s.user or _local_user()}@{s.host}")
     return argv
@@ -282,17 +291,14 @@ class OpenSSHConnection:
 
     def run(self, argv: list[str], input: bytes | None = None, timeout: float = 60.0) -> tuple[int, str, str]:
         import subprocess
-        command = shlex.join(argv)
-        if self.settings.login_shell:
-            command = shlex.join(["bash", "-lc", command])
         try:
-            proc = subprocess.run([*openssh_argv(self.settings), command], input=input or b"",
+            proc = subprocess.run([*openssh_argv(self.settings), self.settings.remote_command(argv)], input=input or b"",
                                   capture_output=True, timeout=timeout)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise SSHError(f"site {self.site} ({self.settings.where}): {exc}", sent=True) from None
         err = proc.stderr.decode(errors="replace")
         if proc.returncode == 255:     # ssh's own failure, not the command's
-            if "Host key verification failed" in err or "REMOTE HOST IDENTIFICATION HAS CHANGED" in err:
+            if HOST_KEY_FAILED in err or "REMOTE HOST IDENTIFICATION HAS CHANGED" in err:
                 raise HostKeyError(f"site {self.site} ({self.settings.where}): host key verification failed "
                                    f"against {_expand(self.settings.known_hosts)}")
             raise SSHError(f"site {self.site} ({self.settings.where}): ssh failed: "

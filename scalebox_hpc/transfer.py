@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -32,12 +31,11 @@ import uuid
 from dataclasses import dataclass
 
 from .errors import ScaleboxError
-from .ssh import HostKeyError, SSHError, SSHSettings, openssh_argv
+from .ssh import HOST_KEY_FAILED, HostKeyError, SSHConnection, SSHError, SSHSettings, openssh_argv
 
 MANIFEST = ".scalebox-manifest.json"
 INCOMING = ".incoming"
 CHUNK = 1 << 20
-_HOST_KEY_FAILED = "Host key verification failed"      # what OpenSSH says of an unknown or changed key
 READ_BUFSIZE = 64 << 10
 WRITE_PIECE = 64 << 10
 
@@ -132,10 +130,7 @@ def _receiver_argv(target: dict, inbox: str, dest: str, extra: list[str] = ()) -
     if not ssh:
         return command
     settings = SSHSettings.from_dict(ssh)
-    remote = shlex.join(command)
-    if settings.login_shell:
-        remote = shlex.join(["bash", "-lc", remote])
-    return [*openssh_argv(settings), remote]
+    return [*openssh_argv(settings), settings.remote_command(command)]
 
 
 def send(target: dict, dest: str, items: list[Item], *, mode: str = "stream", retries: int = 3,
@@ -159,7 +154,7 @@ def send(target: dict, dest: str, items: list[Item], *, mode: str = "stream", re
             return report
         except (TransferError, SSHError, OSError) as exc:
             last = exc
-            if _HOST_KEY_FAILED in str(exc) or isinstance(exc, HostKeyError):
+            if HOST_KEY_FAILED in str(exc) or isinstance(exc, HostKeyError):
                 break              # an unknown or changed host key does not heal by trying again
             if attempt <= retries:
                 if on_retry:
@@ -210,7 +205,7 @@ def _send_stream(target: dict, inbox: str, dest: str, items: list[Item], timeout
             proc.kill()
             proc.wait()
             raise TransferError(f"no answer from the receiver within {timeout:g} s") from None
-        return _answer(proc.returncode, out, errors, manifest)
+        return _answer(proc.returncode, out, _tail(errors), manifest)
 
 
 class _TarWriter:
@@ -265,18 +260,23 @@ class _TarWriter:
 
 
 def _tail(errors) -> str:
+    """The last line the receiver (or ssh) wrote to its stderr file."""
     errors.seek(0)
-    lines = [line.strip() for line in errors.read().decode(errors="replace").splitlines() if line.strip()]
+    return _last_line(errors.read().decode(errors="replace"))
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return f" ({lines[-1]})" if lines else ""
 
 
-def _answer(code: int, out: bytes, errors, manifest: list[dict]) -> dict:
+def _answer(code: int, out: bytes, detail: str, manifest: list[dict]) -> dict:
     try:
         report = json.loads(out.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
         report = None
     if not isinstance(report, dict):
-        raise TransferError(f"the receiver gave no answer (exit {code}){_tail(errors)}")
+        raise TransferError(f"the receiver gave no answer (exit {code}){detail}")
     if not report.get("ok"):
         raise TransferError(f"the receiver refused: {report.get('error')}")
     if report.get("files") != len(manifest) or report.get("bytes") != sum(f["size"] for f in manifest):
@@ -287,51 +287,39 @@ def _answer(code: int, out: bytes, errors, manifest: list[dict]) -> dict:
 
 def _send_sftp(target: dict, inbox: str, dest: str, items: list[Item], timeout: float) -> dict:
     """One SFTP put per file into a temporary directory, then a verified commit."""
-    from .ssh import SSHConnection
     ssh = target.get("ssh")
     if not ssh:
         raise TransferError("sftp mode needs an 'ssh' section in the target's site config")
-    settings = SSHSettings.from_dict(ssh)
-    conn = SSHConnection(settings)
+    conn = SSHConnection(SSHSettings.from_dict(ssh))
     try:
-        client = conn._client()
-        sftp = client.open_sftp()
+        sftp = conn.open_sftp()
         sftp.get_channel().settimeout(timeout)
-        staging = f"{INCOMING}/sftp-{uuid.uuid4().hex}"
-        made = set()
+        made: set[str] = set()
 
         def mkdirs(path: str) -> None:
+            """mkdir -p (the inbox too, as the stream receiver makes it)."""
             parts = path.split("/")
             for i in range(1, len(parts) + 1):
                 sub = "/".join(parts[:i])
-                if sub in made:
-                    continue
-                try:
-                    sftp.mkdir(f"{inbox}/{sub}")
-                except OSError:
-                    pass                    # exists (a real failure shows at put)
-                made.add(sub)
+                if sub and sub not in made:
+                    try:
+                        sftp.mkdir(sub)
+                    except OSError:
+                        pass                    # exists (a real failure shows at put)
+                    made.add(sub)
 
-        parts = inbox.rstrip("/").split("/")       # the inbox itself, as the stream receiver makes it
-        for i in range(1, len(parts) + 1):
-            if "/".join(parts[:i]):
-                try:
-                    sftp.mkdir("/".join(parts[:i]))
-                except OSError:
-                    pass
-        mkdirs(staging)
+        staging = f"{INCOMING}/sftp-{uuid.uuid4().hex}"
+        mkdirs(f"{inbox.rstrip('/')}/{staging}")
         manifest = []
         for item in items:
-            parent = os.path.dirname(item.name)
-            if parent:
-                mkdirs(f"{staging}/{parent}")
+            path = f"{inbox}/{staging}/{item.name}"
+            mkdirs(os.path.dirname(path))
             with open(item.source, "rb") as fh:
                 reader = _Hashing(fh)
-                attrs = sftp.putfo(reader, f"{inbox}/{staging}/{item.name}", confirm=True)
+                attrs = sftp.putfo(reader, path, confirm=True)
             manifest.append({"name": item.name, "size": attrs.st_size, "sha256": reader.sha.hexdigest()})
         sftp.close()
-        status, out, err = conn.run(_receiver_argv({**target, "ssh": None}, inbox, dest,
-                                                   ["--commit", staging])[0:],
+        status, out, err = conn.run(_receiver_argv({**target, "ssh": None}, inbox, dest, ["--commit", staging]),
                                     _manifest_bytes(manifest), timeout)
     except SSHError:
         raise
@@ -339,9 +327,7 @@ def _send_sftp(target: dict, inbox: str, dest: str, items: list[Item], timeout: 
         raise TransferError(f"sftp: {exc}") from None
     finally:
         conn.close()
-    with tempfile.TemporaryFile() as errors:
-        errors.write(err.encode())
-        return _answer(status, out.encode(), errors, manifest)
+    return _answer(status, out.encode(), _last_line(err), manifest)
 
 
 # ------------------------------------------------------------------ the receiving side
@@ -361,10 +347,9 @@ def receive(inbox: str, dest: str, stream, *, commit: str | None = None) -> dict
         staging = os.path.realpath(os.path.join(incoming, safe_name(name, "staging directory")))
         if os.path.dirname(staging) != incoming or not os.path.isdir(staging):
             raise PathRefused(f"staging directory {commit!r} is not in {incoming}")
-        manifest, got = None, {}
     else:
         staging = tempfile.mkdtemp(dir=incoming, prefix=dest.replace("/", "_") + ".")
-        manifest, got = None, {}
+    manifest, got = None, {}
     try:
         if commit:
             manifest = json.loads(stream.read().decode())["files"]

@@ -512,7 +512,6 @@ class Worker:
         inboxes, before anything is committed; the messages then name the forwarded
         paths. A failure (after the transfer's own retries) fails the attempt and
         commits none of its messages."""
-        from . import transfer
         by_site: dict[str, list[Message]] = {}
         for msg in result.messages:
             site = self.module_sites.get(msg.module_id)
@@ -520,6 +519,7 @@ class Worker:
                 by_site.setdefault(site, []).append(msg)
         if not by_site:
             return 0
+        from . import transfer
         record = result.record
         declared = record.get("output_files") or []
         forwards = []

@@ -34,6 +34,13 @@ class SchedulerError(ScaleboxError):
     """A batch system command failed."""
 
 
+def _command_failed(argv: list[str], status: int, out: str, err: str, where: str = "") -> SchedulerError:
+    """A scheduler command's non-zero exit, with the last line it said."""
+    detail = (err or out).strip().splitlines()
+    return SchedulerError(f"{shlex.join(argv[:2])} failed{where} (exit {status}): "
+                          f"{detail[-1] if detail else 'no output'}")
+
+
 class LocalRunner:
     """Runs the scheduler's commands on this machine (a remote site runs them over SSH)."""
 
@@ -50,19 +57,17 @@ class LocalRunner:
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise SchedulerError(f"{argv[0]}: {exc}") from exc
         if proc.returncode != 0:
-            detail = (proc.stderr or proc.stdout).strip().splitlines()
-            raise SchedulerError(f"{shlex.join(argv[:2])} failed (exit {proc.returncode}): "
-                                 f"{detail[-1] if detail else 'no output'}")
+            raise _command_failed(argv, proc.returncode, proc.stdout, proc.stderr)
         return proc.stdout
 
 
 class TransportError(SchedulerError):
     """The way to the site failed (not the command). ``unsure``: the command may have run."""
 
-    def __init__(self, message: str, unsure: bool):
+    def __init__(self, message: str, unsure: bool, host_key: bool = False):
         super().__init__(message)
         self.unsure = unsure
-        self.host_key = False
+        self.host_key = host_key      # an unknown or changed host key: it will not heal by itself
 
 
 class SSHRunner:
@@ -79,13 +84,9 @@ class SSHRunner:
         try:
             status, out, err = self.connection.run(argv, input.encode() if input else None, self.timeout)
         except SSHError as exc:
-            error = TransportError(str(exc), unsure=exc.sent)
-            error.host_key = isinstance(exc, HostKeyError)
-            raise error from None
+            raise TransportError(str(exc), unsure=exc.sent, host_key=isinstance(exc, HostKeyError)) from None
         if status != 0:
-            detail = (err or out).strip().splitlines()
-            raise SchedulerError(f"{shlex.join(argv[:2])} failed on {self.connection.settings.host} (exit "
-                                 f"{status}): {detail[-1] if detail else 'no output'}")
+            raise _command_failed(argv, status, out, err, f" on {self.connection.settings.host}")
         return out
 
     def close(self) -> None:
