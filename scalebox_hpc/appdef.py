@@ -1,4 +1,4 @@
-"""Load and validate an app definition (SPEC sections 3 and 4).
+"""Load and validate an app definition: the app model (AppDef, ModuleDef).
 
 Everything is checked here, before anything is written anywhere, and every error
 names the file, the line and the key path so the user can go straight to it.
@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
-
 from .errors import ConfigError
+from .retry import RetryRules
+from .yamlcheck import Checker, Entry, LineMap, describe, parse_yaml
 
 APP_FILE_NAMES = ("app.yaml", "app.yml", "scalebox.yaml")
 SCALEBOX_ENV = "scalebox.env"
@@ -25,6 +25,8 @@ HOOKS = ("check", "setup", "teardown")
 DIST_MODES = ("DEFAULT", "HOST-BOUND")
 # What the tasks of a HOST-BOUND module do when the host their to_host names is gone.
 HOST_FALLBACKS = ("fail", "anywhere")
+CONTAINER_MODES = ("exec", "instance")     # one 'apptainer exec' per task, or one instance per worker
+FORWARD_MODES = ("stream", "sftp")         # files for other sites: one tar stream over ssh, or sftp per file
 # Upstream location modes we do not implement; such modules simply run as DEFAULT.
 _UPSTREAM_DIST_MODES = ("SLOT-BOUND", "GROUP-BOUND")
 
@@ -43,7 +45,7 @@ class ModuleDef:
     slots: int = 1
     min_workers: int = 0
     task_max_seconds: int | None = None
-    retry_rules: list[tuple[str, int]] = field(default_factory=list)
+    retry_rules: RetryRules = field(default_factory=RetryRules)
     task_dist_mode: str = "DEFAULT"
     host_fallback: str = "fail"            # HOST-BOUND tasks whose to_host is gone: fail, or run anywhere
     environments: dict[str, str] = field(default_factory=dict)
@@ -63,6 +65,32 @@ class ModuleDef:
     label: str | None = None
     line: int = 0
 
+    @property
+    def host_bound(self) -> bool:
+        return self.task_dist_mode == "HOST-BOUND"
+
+    @property
+    def builtin(self) -> bool:
+        """The program is built into the worker ('@noop'): no process, no container."""
+        return (self.command or "").startswith("@")
+
+    @property
+    def in_container(self) -> bool:
+        return self.base_image != HOST and not self.builtin
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["retry_rules"] = self.retry_rules.to_json()
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ModuleDef:
+        """A module as stored in the database (modules.definition); keys it does not know
+        (written by another version) are left out."""
+        known = {f.name for f in fields(cls)} - {"retry_rules"}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   retry_rules=RetryRules.from_json(data.get("retry_rules")))
+
 
 @dataclass
 class AppDef:
@@ -76,18 +104,15 @@ class AppDef:
     label: str | None = None
 
     def to_json(self) -> dict:
+        """As stored in the database (apps.definition); from_json reads it back."""
         data = asdict(self)
-        for module in data["modules"].values():
-            module["retry_rules"] = [list(rule) for rule in module["retry_rules"]]
+        data["modules"] = {name: module.to_json() for name, module in self.modules.items()}
         return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> AppDef:
         data = dict(data)
-        modules = {
-            name: ModuleDef(**{**m, "retry_rules": [(str(c), int(n)) for c, n in m["retry_rules"]]})
-            for name, m in data.pop("modules").items()
-        }
+        modules = {name: ModuleDef.from_json(m) for name, m in data.pop("modules").items()}
         return cls(**data, modules=modules)
 
 
@@ -169,107 +194,6 @@ def _expand(match: re.Match, variables: Mapping[str, str], file: str, line: int)
     return value
 
 
-# ---------------------------------------------------------------- YAML with line numbers
-
-class _Map(dict):
-    """A YAML mapping that remembers the line of each of its keys."""
-
-    def __init__(self, line: int = 0):
-        super().__init__()
-        self.line = line
-        self.key_lines: dict[Any, int] = {}
-
-    def line_of(self, key: Any) -> int:
-        return self.key_lines.get(key, self.line)
-
-
-class _DuplicateKey(yaml.constructor.ConstructorError):
-    pass
-
-
-class _LineLoader(yaml.SafeLoader):
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue   # keys merged in with '<<' may be overridden
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    first = seen.get(key)
-                except TypeError:
-                    continue   # unhashable key: the base class reports it
-                if first is not None:
-                    raise _DuplicateKey(None, None, f"duplicate key '{key}' (first at line {first})",
-                                        key_node.start_mark)
-                seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
-
-    def construct_line_map(self, node):
-        data = _Map(node.start_mark.line + 1)
-        yield data
-        data.update(self.construct_mapping(node))
-        # node.value is flattened by now: merged keys first, so the map's own keys win.
-        for key_node, _ in node.value:
-            data.key_lines[self.construct_object(key_node)] = key_node.start_mark.line + 1
-
-
-_LineLoader.add_constructor("tag:yaml.org,2002:map", _LineLoader.construct_line_map)
-
-
-def _parse_yaml(text: str, file: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_LineLoader)
-    except _DuplicateKey as exc:
-        raise ConfigError(exc.problem, file=file, line=exc.problem_mark.line + 1) from None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = exc.problem or "malformed"
-        context = f" ({exc.context})" if exc.context else ""
-        raise ConfigError(f"invalid YAML: {problem}{context}", file=file,
-                          line=mark.line + 1 if mark else None) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML: {exc}", file=file) from None
-
-
-# ---------------------------------------------------------------- retry rules
-
-_RETRY_RULE = re.compile(r"(\*|[+-]?\d+)\s*:\s*(\d+)")
-
-
-def parse_retry_rules(value: Any, *, file: str | None = None, key: str | None = None,
-                      line: int | None = None) -> list[tuple[str, int]]:
-    """Parse ['1:3', '2:2', '*'], "['1:3','2:2','*']" or "1:3,2:2,*" into (code, retries)."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("[") and text.endswith("]"):
-            text = text[1:-1]
-        items: list[Any] = [item.strip().strip("'\"") for item in text.split(",")]
-        items = [item for item in items if item]
-    elif isinstance(value, list):
-        items = value
-    else:
-        raise ConfigError("expected a list of retry rules, e.g. ['1:3', '*']",
-                          file=file, key=key, line=line)
-    rules: list[tuple[str, int]] = []
-    for item in items:
-        text = str(item).strip() if isinstance(item, (str, int)) and not isinstance(item, bool) else None
-        match = _RETRY_RULE.fullmatch(text) if text else None
-        if text == "*":
-            rule = ("*", 1)
-        elif match:
-            code = match.group(1)
-            rule = (code if code == "*" else str(int(code)), int(match.group(2)))
-        else:
-            raise ConfigError(f"invalid retry rule {str(item)!r}: use CODE:RETRIES, e.g. '1:3', or '*'",
-                              file=file, key=key, line=line)
-        if any(code == rule[0] for code, _ in rules):
-            raise ConfigError(f"retry rule for code {rule[0]} given twice", file=file, key=key, line=line)
-        rules.append(rule)
-    return rules
-
 
 # ---------------------------------------------------------------- the app definition
 
@@ -295,23 +219,6 @@ _MODULE_PARAMETER_KEYS: dict[str, str | None] = {
 _MODULE_VARIABLE_KEYS: dict[str, str | None] = {"repeatable": None}
 
 
-@dataclass
-class _Entry:
-    value: Any
-    key: str        # full key path, as written
-    line: int
-    written: str    # the key as written (an alias, maybe)
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean (quote it if you mean a string)"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return repr(value)
-
 
 def _is_within(path: str, directory: str) -> bool:
     return os.path.commonpath([path, directory]) == directory
@@ -321,105 +228,11 @@ def _executable(path: str) -> bool:
     return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
-class _AppParser:
-    def __init__(self, file: str, app_dir: str):
-        self.file = file
-        self.app_dir = app_dir
-
-    def error(self, message: str, key: str | None = None, line: int | None = None) -> ConfigError:
-        return ConfigError(message, file=self.file, key=key, line=line)
-
-    # -- structure
-
-    def collect(self, mapping: _Map, prefix: str, accepted: Mapping[str, str | None],
-                into: dict[str, _Entry]) -> dict[str, _Entry]:
-        """Map each key of `mapping` to its canonical name; unknown keys and aliases given twice are errors."""
-        for key, value in mapping.items():
-            line = mapping.line_of(key)
-            path = f"{prefix}.{key}" if prefix else str(key)
-            if not isinstance(key, str) or key not in accepted:
-                raise self.unknown_key(str(key), accepted, path, line)
-            canonical = accepted[key]
-            if canonical is None:
-                continue
-            if canonical in into:
-                previous = into[canonical]
-                raise self.error(f"also given as '{previous.key}' (line {previous.line}): keep one",
-                                 path, line)
-            into[canonical] = _Entry(value, path, line, key)
-        return into
-
-    def unknown_key(self, key: str, accepted: Mapping[str, str | None], path: str,
-                    line: int) -> ConfigError:
-        # List canonical names only; aliases are still accepted and suggested.
-        known = sorted(k for k, canonical in accepted.items() if canonical in (k, None))
-        message = f"unknown key '{key}' (known: {', '.join(known)})"
-        close = difflib.get_close_matches(key, list(accepted), n=1)
-        if close:
-            message += f"; did you mean '{close[0]}'?"
-        return self.error(message, path, line)
-
-    def mapping(self, entry: _Entry) -> _Map:
-        if entry.value is None:
-            return _Map(entry.line)
-        if not isinstance(entry.value, _Map):
-            raise self.error(f"expected a mapping, got {_describe(entry.value)}", entry.key, entry.line)
-        return entry.value
-
-    # -- scalar conversions
-
-    def scalar(self, value: Any, entry: _Entry) -> str:
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise self.error(f"expected a string, got {_describe(value)}", entry.key, entry.line)
-        return str(value)
-
-    def text(self, entry: _Entry) -> str | None:
-        return None if entry.value is None else self.scalar(entry.value, entry)
-
-    def integer(self, entry: _Entry, minimum: int) -> int | None:
-        value = entry.value
-        if value is None:
-            return None
-        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise self.error(f"expected an integer >= {minimum}, got {_describe(value)}",
-                             entry.key, entry.line)
-        return value
-
-    def number(self, entry: _Entry, minimum: float) -> float | None:
-        value = entry.value
-        if value is None:
-            return None
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
-            raise self.error(f"expected a number >= {minimum:g}, got {_describe(value)}",
-                             entry.key, entry.line)
-        return float(value)
-
-    def string_list(self, entry: _Entry, *, split_commas: bool) -> list[str]:
-        value = entry.value
-        if value is None:
-            return []
-        if isinstance(value, str):
-            items = value.split(",") if split_commas else [value]
-        elif isinstance(value, list):
-            items = [self.scalar(item, entry) for item in value]
-        else:
-            raise self.error(f"expected a list of strings, got {_describe(value)}", entry.key, entry.line)
-        return [item.strip() for item in items if item.strip()]
-
-    def resolve(self, path: str, base: str | None = None) -> str:
-        return os.path.normpath(os.path.join(base or self.app_dir, os.path.expanduser(path)))
-
+class _AppParser(Checker):
     # -- the app
 
     def app(self, doc: Any, path: str) -> AppDef:
-        if not isinstance(doc, _Map):
+        if not isinstance(doc, LineMap):
             raise self.error("expected a mapping with 'name' and 'modules' at the top level",
                              line=1 if doc is None else None)
         entries = self.collect(doc, "", _TOP_KEYS, {})
@@ -429,7 +242,7 @@ class _AppParser:
             entry = entries.get("name")
             raise self.error("the app needs a non-empty 'name'", "name", entry.line if entry else None)
 
-        app = AppDef(name=name.strip(), path=path, app_dir=self.app_dir)
+        app = AppDef(name=name.strip(), path=path, app_dir=self.base_dir)
         if "label" in entries:
             app.label = self.text(entries["label"])
         if "site" in entries:
@@ -438,14 +251,14 @@ class _AppParser:
         if "parameters" in entries:
             params = self.mapping(entries["parameters"])
             for key, value in params.items():
-                entry = _Entry(value, f"{entries['parameters'].key}.{key}", params.line_of(key), str(key))
+                entry = Entry(value, f"{entries['parameters'].key}.{key}", params.line_of(key), str(key))
                 app.parameters[str(key)] = "" if value is None else self.scalar(value, entry)
                 if key == "main_router":
                     router_entry = entry
             app.main_router = app.parameters.get("main_router") or None
 
         modules_entry = entries.get("modules")
-        modules = self.mapping(modules_entry) if modules_entry else _Map()
+        modules = self.mapping(modules_entry) if modules_entry else LineMap()
         if not modules:
             raise self.error("the app has no modules: add a 'modules' section", "modules",
                              modules_entry.line if modules_entry else None)
@@ -470,7 +283,7 @@ class _AppParser:
     def _sink_location(self, raw: Any, modules_key: str, module: ModuleDef) -> tuple[str, int]:
         """Key path and line of a module's sink_modules setting, for error messages."""
         for written in ("sink_modules", "sink_jobs", "sink_module"):
-            if isinstance(raw, _Map) and written in raw:
+            if isinstance(raw, LineMap) and written in raw:
                 return f"{modules_key}.{module.name}.{written}", raw.line_of(written)
         return f"{modules_key}.{module.name}", module.line
 
@@ -486,7 +299,7 @@ class _AppParser:
         if not _MODULE_NAME.fullmatch(name):
             raise self.error(f"invalid module name '{name}': use letters, digits, '_', '.', '-' "
                              "(not first)", key, line)
-        settings = self.mapping(_Entry(raw, key, line, name))
+        settings = self.mapping(Entry(raw, key, line, name))
         entries = self.collect(settings, key, _MODULE_KEYS, {})
         if "parameters" in entries:
             params = entries.pop("parameters")
@@ -504,16 +317,16 @@ class _AppParser:
             "slots": self.slots,
             "min_workers": lambda e: self.integer(e, 0),
             "task_max_seconds": lambda e: self.integer(e, 1),
-            "retry_rules": lambda e: parse_retry_rules(e.value, file=self.file, key=e.key, line=e.line),
+            "retry_rules": lambda e: RetryRules.parse(e.value, file=self.file, key=e.key, line=e.line),
             "task_dist_mode": self.dist_mode,
-            "host_fallback": self.host_fallback,
+            "host_fallback": lambda e: self.choice(e, HOST_FALLBACKS, "fail"),
             "environments": self.environments,
             "volumes": self.volumes,
-            "container_mode": self.container_mode,
+            "container_mode": lambda e: self.choice(e, CONTAINER_MODES, "exec"),
             "free_space_gb": lambda e: self.number(e, 0),
             "dir_quota_gb": lambda e: self.number(e, 0),
             "site": self.text,
-            "forward_mode": self.forward_mode,
+            "forward_mode": lambda e: self.choice(e, FORWARD_MODES, "stream"),
             "forward_retries": lambda e: self.integer(e, 0),
             "task_batch_size": lambda e: self.integer(e, 1),
             "idle_seconds": lambda e: self.number(e, 0),
@@ -536,7 +349,7 @@ class _AppParser:
         self.programs(module, entries, key)
         return module
 
-    def image(self, entry: _Entry) -> str:
+    def image(self, entry: Entry) -> str:
         value = (self.text(entry) or "").strip()
         if not value or value == HOST:
             return HOST
@@ -548,7 +361,7 @@ class _AppParser:
                              f"for a registry image write docker://{value})", entry.key, entry.line)
         return path
 
-    def directory(self, entry: _Entry) -> str | None:
+    def directory(self, entry: Entry) -> str | None:
         value = self.text(entry)
         if not value:
             return None
@@ -558,7 +371,7 @@ class _AppParser:
             raise self.error(f"{what}: {path}", entry.key, entry.line)
         return path
 
-    def start_tasks(self, entry: _Entry) -> list[str]:
+    def start_tasks(self, entry: Entry) -> list[str]:
         items = entry.value if isinstance(entry.value, list) else [entry.value]
         bodies: list[str] = []
         for item in items:
@@ -571,7 +384,7 @@ class _AppParser:
                 bodies.append(body)
         return bodies
 
-    def bodies_from_file(self, name: str, entry: _Entry) -> list[str]:
+    def bodies_from_file(self, name: str, entry: Entry) -> list[str]:
         path = self.resolve(name)
         try:
             with open(path, encoding="utf-8") as fh:
@@ -581,7 +394,7 @@ class _AppParser:
             raise self.error(f"cannot read start-task file {path}: {reason}", entry.key, entry.line) from None
         return [line.strip() for line in lines if line.strip()]
 
-    def slots(self, entry: _Entry) -> int | None:
+    def slots(self, entry: Entry) -> int | None:
         if entry.written != "hosts":
             return self.integer(entry, 1)
         # Upstream 'hosts: ["h0:4", "h1:2"]': we keep only the total number of slots.
@@ -601,7 +414,7 @@ class _AppParser:
             total += int(count)
         return total
 
-    def dist_mode(self, entry: _Entry) -> str:
+    def dist_mode(self, entry: Entry) -> str:
         value = (self.text(entry) or "").strip()
         mode = value.upper().replace("_", "-") or "DEFAULT"
         if mode in DIST_MODES:
@@ -611,7 +424,7 @@ class _AppParser:
         raise self.error(f"unknown task_dist_mode '{value}' (use {' or '.join(DIST_MODES)})",
                          entry.key, entry.line)
 
-    def environments(self, entry: _Entry) -> dict[str, str]:
+    def environments(self, entry: Entry) -> dict[str, str]:
         value = entry.value
         if value is None:
             return {}
@@ -625,39 +438,20 @@ class _AppParser:
                     raise self.error(f"invalid entry '{item}': use NAME=VALUE", entry.key, entry.line)
                 pairs.append((name.strip(), val))
         else:
-            raise self.error(f"expected a list of NAME=VALUE or a mapping, got {_describe(value)}",
+            raise self.error(f"expected a list of NAME=VALUE or a mapping, got {describe(value)}",
                              entry.key, entry.line)
         for name, _ in pairs:
             if not _ENV_NAME.fullmatch(name):
                 raise self.error(f"invalid variable name '{name}'", entry.key, entry.line)
         return dict(pairs)
 
-    def host_fallback(self, entry: _Entry) -> str:
-        value = (self.text(entry) or "fail").strip()
-        if value not in HOST_FALLBACKS:
-            raise self.error(f"unknown host_fallback '{value}' (use {' or '.join(HOST_FALLBACKS)})",
-                             entry.key, entry.line)
-        return value
-
-    def container_mode(self, entry: _Entry) -> str:
-        value = (self.text(entry) or "exec").strip()
-        if value not in ("exec", "instance"):
-            raise self.error(f"unknown container_mode '{value}' (use exec or instance)", entry.key, entry.line)
-        return value
-
-    def forward_mode(self, entry: _Entry) -> str:
-        value = (self.text(entry) or "stream").strip()
-        if value not in ("stream", "sftp"):
-            raise self.error(f"unknown forward_mode '{value}' (use stream or sftp)", entry.key, entry.line)
-        return value
-
-    def volumes(self, entry: _Entry) -> list[str]:
+    def volumes(self, entry: Entry) -> list[str]:
         value = entry.value
         if value is None:
             return []
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list):
-            raise self.error(f"expected a list of volumes, got {_describe(value)}", entry.key, entry.line)
+            raise self.error(f"expected a list of volumes, got {describe(value)}", entry.key, entry.line)
         volumes = []
         for item in items:
             text = self.scalar(item, entry).strip() if item is not None else ""
@@ -668,7 +462,7 @@ class _AppParser:
 
     # -- program and hooks (need base_image and code_path first)
 
-    def programs(self, module: ModuleDef, entries: dict[str, _Entry], key: str) -> None:
+    def programs(self, module: ModuleDef, entries: dict[str, Entry], key: str) -> None:
         command = entries.get("command")
         text = self.text(command) if command else None
         if text and text.strip():
@@ -749,5 +543,5 @@ def load_app(path: str | os.PathLike, env_files: Sequence[str] = (),
         text = Path(file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read app definition: {exc}", file=file) from None
-    doc = _parse_yaml(_substitute(text, variables, file), file)
+    doc = parse_yaml(_substitute(text, variables, file), file)
     return _AppParser(file, app_dir).app(doc, absolute)

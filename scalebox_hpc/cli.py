@@ -13,12 +13,11 @@ from datetime import datetime, timezone
 import click
 
 from . import __version__, config, db
-from .codes import is_failure, parse_status, status_name
+from .states import AppStatus, is_failure, parse_status, status_name
 from .errors import NotFound, ScaleboxError
 
 log = logging.getLogger("scalebox_hpc")
 
-TERMINAL = ("FINISHED", "FAILED", "CANCELLED")
 RATE_WINDOW = 60.0   # seconds of recent completions that rates and ETAs are measured over
 
 
@@ -192,7 +191,7 @@ def _follow(ctx, store, app_id: int, *, quiet: bool) -> str:
             row = store.retrying(lambda: _app_row(store, app_id), what="read app status")
             if view:
                 view.update(store.retrying(lambda: _counts(store, app_id), what="read progress"))
-            if row[2] in TERMINAL:
+            if row[2] in AppStatus.TERMINAL:
                 return row[2]
             time.sleep(max(0.0, settings.poll_seconds - (time.monotonic() - started)))
     except KeyboardInterrupt:
@@ -281,7 +280,7 @@ def submit(ctx, app_path, env_files, site, wait, as_json):
             click.echo("note: no controller is running on this database; start one with "
                        "'scalebox-hpc controller'", err=True)
         return
-    while (status := _app_row(store, app_id)[2]) not in TERMINAL:
+    while (status := _app_row(store, app_id)[2]) not in AppStatus.TERMINAL:
         time.sleep(1.0)
     summary = _summary(store, app_id)
     emit_json(summary) if as_json else _print_summary(summary)
@@ -398,7 +397,7 @@ def app_watch(ctx, app_id, interval, once):
     _app_row(store, app_id)
     from .progress import watch_app
     watch_app(lambda: store.retrying(lambda: _summary(store, app_id), what="read app status"),
-              interval=max(interval, 0.2), once=once, ended=lambda s: s["status"] in TERMINAL)
+              interval=max(interval, 0.2), once=once, ended=lambda s: s["status"] in AppStatus.TERMINAL)
 
 
 # What each state change does to the app's worker pools.

@@ -35,13 +35,13 @@ import subprocess
 import time
 
 from .errors import ScaleboxError
-from .runtime import TIMEOUT_CODE, HostRuntime, ProgramResult, utcnow
+from .runtime import HostRuntime, ProgramResult, utcnow
+from .states import Code
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("apptainer", "singularity")
 MODES = ("exec", "instance")
-CODE_IMAGE = -104            # the image cannot be found, pulled or started
 REMOTE_IMAGE = re.compile(r"^(docker|oras|library|shub|https?)://")
 CONTAINER_WORK = "/work"
 CONTAINER_CODE = "/app/bin"
@@ -369,7 +369,7 @@ class ContainerRuntime(HostRuntime):
             except OSError:
                 pass
         if timed_out:
-            code = TIMEOUT_CODE
+            code = Code.TIMEOUT
             stderr.write(f"\nscalebox-hpc: killed after task_max_seconds={timeout:g}\n")
         elif answer is None or not answer.isdigit():
             code = 128 + signal.SIGKILL if self._killed else 125

@@ -22,12 +22,12 @@ import psycopg
 from .db.store import Store
 from .errors import DatabaseUnavailable
 from .sites import LiveWorker, Site, make_sites, site_record
+from .states import Code
 
 log = logging.getLogger(__name__)
 
 MAX_WORKER_FAILURES = 3
 FAILURE_BACKOFF_SECONDS = 5.0
-CODE_HOST_GONE = -106        # system code: a HOST-BOUND task's to_host is gone (host_fallback: fail)
 
 
 @dataclass
@@ -226,9 +226,9 @@ class Controller:
         else:
             note = (f"to_host {host} is gone: {reason}; module {module['name']} has host_fallback: fail "
                     "(set host_fallback: anywhere to run such tasks on another host)")
-            n = self.store.fail_host_tasks(module["id"], host, CODE_HOST_GONE, note)
+            n = self.store.fail_host_tasks(module["id"], host, Code.HOST_GONE, note)
             log.error("module %s: %s; %d task(s) for %s failed (%s)", module["name"], reason, n, host,
-                      CODE_HOST_GONE)
+                      Code.HOST_GONE)
         report["host_gone"] += n
         pending = [LiveWorker(wid, module["id"], "PENDING", None, None, job)
                    for wid, job in self.store.q("pending_host_workers", {"module_id": module["id"], "host": host})]

@@ -6,6 +6,15 @@ anything else is an internal error whose traceback goes to the log.
 from __future__ import annotations
 
 
+def first_line(error: BaseException | str) -> str:
+    """The first line of an error's message (its type's name when it has none): what a
+    log line or a one-line message quotes of a multi-line error from a library."""
+    text = str(error).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(error).__name__ if isinstance(error, BaseException) else ""
+
+
 class ScaleboxError(Exception):
     """A failure the user can fix; ``str()`` is one line saying what and how."""
 

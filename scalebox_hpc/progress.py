@@ -11,6 +11,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from .states import AppStatus
+
 
 class ProgressView:
     """One bar per module: finished (ok + failed) out of known tasks, with counts."""
@@ -66,7 +68,7 @@ def app_view(summary: dict) -> Group:
         lines.append(Text(f"  {summary['message']}"))
     t = Table("module", "progress", "done", "ok", "failed", "running", "ready", "tasks/s", "ETA",
               box=None, pad_edge=False)
-    ended = summary["status"] in ("FINISHED", "FAILED", "CANCELLED")
+    ended = summary["status"] in AppStatus.TERMINAL
     for module, c in summary["modules"].items():
         done = c["ok"] + c["failed"]
         eta = "" if ended else "-" if c["eta_seconds"] is None else duration_text(c["eta_seconds"])

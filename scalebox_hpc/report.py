@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from psycopg import sql
 
 from . import __version__
-from .codes import MEANINGS, status_name
+from .states import Code, meaning, status_name
 from .db import QUERIES
 from .errors import NotFound
 
@@ -41,7 +41,6 @@ FAILED_COLOUR, LOST_COLOUR = "#d62728", "#7f7f7f"
 # report_stage_buckets: bucket k (1..2600) holds durations d with log10(d) in
 # [LOG_LOW + (k - 1) / FINE, LOG_LOW + k / FINE); the histograms merge them by quarter decade.
 LOG_LOW, LOG_HIGH, FINE, COARSE = -6, 7, 200, 4
-LOST_CODE = 123
 
 
 # ---------------------------------------------------------------- the figures
@@ -89,7 +88,7 @@ def collect(store, app_id: int, *, bins: int = 200, gantt_rows: int = 100, gantt
              for mid, *rest in store.conn.execute(sql.SQL(QUERIES["report_stage_buckets"]).format(
                  stage=sql.Identifier(stage)))], modules)
         codes = [{"module": modules[mid]["name"], "code": code, "attempts": n, "final": final,
-                  "meaning": MEANINGS.get(code, "exit code" if code > 0 else status_name(code))}
+                  "meaning": meaning(code)}
                  for mid, code, n, final in store.q("report_exit_codes")]
         slow = [dict(zip(("task_id", "attempt", "module", "code", "host", "worker_id", "run", "queue_wait",
                           "busy", "body"), r)) for r in store.q("report_slowest", {"limit": slowest})]
@@ -485,7 +484,7 @@ def _gantt(data: dict, colours: dict) -> str:
         w = max(0.8, (bar["end"] - bar["start"]) / span * pw)
         code = bar["code"]
         fill = colours.get(module_of[bar["worker_id"]], "#999") if code == 0 else \
-            LOST_COLOUR if code == LOST_CODE else FAILED_COLOUR
+            LOST_COLOUR if code == Code.LEASE_LOST else FAILED_COLOUR
         tip = (f"task {bar['task_id']} attempt {bar['attempt']} · {module_of[bar['worker_id']]} · code {code} · "
                f"{duration_text(bar['end'] - bar['start'])} from +{duration_text(bar['start'] - t0)}"
                + (f" (program {duration_text(bar['run'])})" if bar["run"] is not None else ""))

@@ -13,9 +13,10 @@ import signal
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from .states import Code
+
 log = logging.getLogger(__name__)
 
-TIMEOUT_CODE = 124
 KILL_GRACE_SECONDS = 5.0
 
 
@@ -142,7 +143,7 @@ class HostRuntime(Runtime):
         ended = utcnow()
         code = os.waitstatus_to_exitcode(status)
         if timed_out:
-            code = TIMEOUT_CODE
+            code = Code.TIMEOUT
             stderr.write(f"\nscalebox-hpc: killed after task_max_seconds={timeout:g}\n")
         elif code < 0:
             code = 128 - code  # killed by a signal: report it the way a shell does

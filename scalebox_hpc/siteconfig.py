@@ -20,7 +20,7 @@ import jinja2
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from .appdef import _AppParser, _describe, _Entry, _Map, _parse_yaml
+from .yamlcheck import Checker, Entry, LineMap, describe, parse_yaml
 from .errors import ConfigError
 from .ssh import SSHSettings, parse_jump
 
@@ -134,14 +134,14 @@ def _known(cls) -> dict[str, str]:
 _TOP_KEYS = {key: key for key in _known(SiteConfig) if key not in ("path", "line")}
 
 
-class _SiteParser(_AppParser):
-    """Site config checks on top of the app parser's key, line and scalar helpers."""
+class _SiteParser(Checker):
+    """Site config checks."""
 
     def site(self, doc: Any, default_name: str, path: str) -> SiteConfig:
         if doc is None:
             raise self.error("the site config is empty: set at least 'scheduler'", line=1)
-        if not isinstance(doc, _Map):
-            raise self.error(f"expected a mapping of site settings, got {_describe(doc)}")
+        if not isinstance(doc, LineMap):
+            raise self.error(f"expected a mapping of site settings, got {describe(doc)}")
         entries = self.collect(doc, "", _TOP_KEYS, {})
 
         name_entry = entries.get("name")
@@ -181,8 +181,8 @@ class _SiteParser(_AppParser):
             site.database = self.database(entries["database"])
         return site
 
-    def section(self, entry: _Entry, cls,
-                converters: Mapping[str, Callable[[_Entry], Any]]) -> tuple[Any, dict]:
+    def section(self, entry: Entry, cls,
+                converters: Mapping[str, Callable[[Entry], Any]]) -> tuple[Any, dict]:
         """Build `cls` from a section, converting each key given; also return the entries."""
         entries = self.collect(self.mapping(entry), entry.key, _known(cls), {})
         settings = cls()
@@ -192,7 +192,7 @@ class _SiteParser(_AppParser):
                 setattr(settings, key, value)
         return settings, entries
 
-    def slurm(self, entry: _Entry) -> SlurmSettings:
+    def slurm(self, entry: Entry) -> SlurmSettings:
         script_value = self.script_value
         settings, entries = self.section(entry, SlurmSettings, {
             "partition": script_value, "account": script_value, "qos": script_value,
@@ -213,7 +213,7 @@ class _SiteParser(_AppParser):
                              where.key, where.line)
         return settings
 
-    def pool(self, entry: _Entry) -> PoolSettings:
+    def pool(self, entry: Entry) -> PoolSettings:
         settings, entries = self.section(entry, PoolSettings, {
             "min_workers": lambda e: self.integer(e, 0),
             "max_workers": lambda e: self.integer(e, 1),
@@ -228,7 +228,7 @@ class _SiteParser(_AppParser):
                              f"({settings.max_workers})", where.key, where.line)
         return settings
 
-    def database(self, entry: _Entry) -> DatabaseSettings:
+    def database(self, entry: Entry) -> DatabaseSettings:
         settings, _ = self.section(entry, DatabaseSettings, {
             "dsn": self.dsn, "passfile": self.passfile, "service": self.line_text,
         })
@@ -236,19 +236,13 @@ class _SiteParser(_AppParser):
 
     # -- values
 
-    def choice(self, entry: _Entry, choices: Sequence[str]) -> str:
-        value = (self.text(entry) or "").strip()
-        if value not in choices:
-            raise self.error(f"unknown value '{value}' (use {' or '.join(choices)})", entry.key, entry.line)
-        return value
-
-    def line_text(self, entry: _Entry) -> str | None:
+    def line_text(self, entry: Entry) -> str | None:
         value = (self.text(entry) or "").strip()
         if "\n" in value or "\r" in value:
             raise self.error("must be a single line", entry.key, entry.line)
         return value or None
 
-    def script_value(self, entry: _Entry) -> str | None:
+    def script_value(self, entry: Entry) -> str | None:
         value = self.text(entry)
         if value is None:
             return None
@@ -258,7 +252,7 @@ class _SiteParser(_AppParser):
                              entry.key, entry.line)
         return value
 
-    def walltime(self, entry: _Entry) -> str | None:
+    def walltime(self, entry: Entry) -> str | None:
         if entry.value is None:
             return None
         if isinstance(entry.value, int) and not isinstance(entry.value, bool):
@@ -274,7 +268,7 @@ class _SiteParser(_AppParser):
             raise self.error("the walltime must be more than zero", entry.key, entry.line)
         return value
 
-    def lines(self, entry: _Entry) -> list[str]:
+    def lines(self, entry: Entry) -> list[str]:
         items = self.string_list(entry, split_commas=False)
         for item in items:
             if "\n" in item or "\r" in item:
@@ -282,7 +276,7 @@ class _SiteParser(_AppParser):
                                  entry.key, entry.line)
         return items
 
-    def extra_sbatch(self, entry: _Entry) -> list[str]:
+    def extra_sbatch(self, entry: Entry) -> list[str]:
         items = self.lines(entry)
         for item in items:
             if not item.startswith("-"):
@@ -290,11 +284,11 @@ class _SiteParser(_AppParser):
                                  "e.g. '--constraint=haswell'", entry.key, entry.line)
         return items
 
-    def env(self, entry: _Entry) -> dict[str, str]:
+    def env(self, entry: Entry) -> dict[str, str]:
         values: dict[str, str] = {}
         mapping = self.mapping(entry)
         for key, value in mapping.items():
-            sub = _Entry(value, f"{entry.key}.{key}", mapping.line_of(key), str(key))
+            sub = Entry(value, f"{entry.key}.{key}", mapping.line_of(key), str(key))
             if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
                 raise self.error(f"invalid variable name '{key}'", sub.key, sub.line)
             if key == "PGPASSWORD":
@@ -303,12 +297,12 @@ class _SiteParser(_AppParser):
             values[key] = "" if value is None else self.scalar(value, sub)
         return values
 
-    def ssh(self, entry: _Entry) -> SSHSettings | None:
+    def ssh(self, entry: Entry) -> SSHSettings | None:
         if entry.value is None:
             return None
         return self.ssh_fields(entry, SSH_KEYS, "'host' is missing: the login node to run sbatch on")
 
-    def ssh_fields(self, entry: _Entry, keys: Sequence[str], missing_host: str) -> SSHSettings:
+    def ssh_fields(self, entry: Entry, keys: Sequence[str], missing_host: str) -> SSHSettings:
         """SSHSettings from a mapping that may hold these keys (the login node's, or a jump host's)."""
         entries = self.collect(self.mapping(entry), entry.key, {key: key for key in keys}, {})
         if "host" not in entries:
@@ -332,19 +326,19 @@ class _SiteParser(_AppParser):
                 settings.connect_timeout = self.number(sub, 1) or settings.connect_timeout
             elif key == "login_shell":
                 if not isinstance(sub.value, bool):
-                    raise self.error(f"expected true or false, got {_describe(sub.value)}", sub.key, sub.line)
+                    raise self.error(f"expected true or false, got {describe(sub.value)}", sub.key, sub.line)
                 settings.login_shell = sub.value
             elif key == "jump":
                 settings.jump = self.jump(sub)
         return settings
 
-    def host_name(self, entry: _Entry) -> str:
+    def host_name(self, entry: Entry) -> str:
         value = (self.text(entry) or "").strip()
         if not _HOST.fullmatch(value):
             raise self.error(f"invalid host name {value!r}", entry.key, entry.line)
         return value
 
-    def jump(self, entry: _Entry) -> SSHSettings | None:
+    def jump(self, entry: Entry) -> SSHSettings | None:
         if entry.value is None:
             return None
         if not isinstance(entry.value, str):
@@ -357,7 +351,7 @@ class _SiteParser(_AppParser):
             raise self.error(f"invalid host name {jump.host!r}", entry.key, entry.line)
         return jump
 
-    def template(self, entry: _Entry) -> str | None:
+    def template(self, entry: Entry) -> str | None:
         value = self.line_text(entry)
         if value is None:
             return None
@@ -366,7 +360,7 @@ class _SiteParser(_AppParser):
             raise self.error(f"template not found: {path}", entry.key, entry.line)
         return path
 
-    def dsn(self, entry: _Entry) -> str | None:
+    def dsn(self, entry: Entry) -> str | None:
         value = self.line_text(entry)
         if value is None:
             return None
@@ -380,7 +374,7 @@ class _SiteParser(_AppParser):
                              "file (mode 0600) named by database.passfile", entry.key, entry.line)
         return value
 
-    def passfile(self, entry: _Entry) -> str | None:
+    def passfile(self, entry: Entry) -> str | None:
         value = self.line_text(entry)
         if value is not None and not os.path.isabs(value):
             raise self.error(f"'{value}' is not an absolute path: give the pgpass file's path as seen "
@@ -399,7 +393,7 @@ def load_site(path: str | os.PathLike) -> SiteConfig:
         raise ConfigError(f"cannot read site config: {exc}", file=file) from None
     absolute = os.path.abspath(file)
     parser = _SiteParser(file, os.path.dirname(absolute))
-    return parser.site(_parse_yaml(text, file), Path(file).stem, absolute)
+    return parser.site(parse_yaml(text, file), Path(file).stem, absolute)
 
 
 def load_sites(directory: str | os.PathLike) -> dict[str, SiteConfig]:

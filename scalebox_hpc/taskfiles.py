@@ -1,4 +1,4 @@
-"""Read what a module program leaves in its WORK_DIR, and evaluate retry rules.
+"""Read what a module program leaves in its WORK_DIR.
 
 Pure functions: no database, no subprocess. Every parse error is a ``TaskFileError``
 whose message is one line naming the file, the 1-based line (or the key, for
@@ -9,18 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from .errors import TaskFileError
-
-# A lost lease means the worker or its node died (or hit the global timeout): not the
-# task's fault, so a catch-all '*' rule written for program failures must not decide how
-# often such a task is retried. Only a rule naming 123 explicitly overrides this.
-LEASE_LOST_CODE = 123
-LEASE_LOST_DEFAULT_RETRIES = 3
 
 SINK_FORMATS = ('body, body,{headers}, module,body, module,body,{headers} '
                 'or {"module":..,"body":..,"headers":{..}}')
@@ -362,35 +356,3 @@ def sum_file_sizes(paths: Iterable[str], base_dir: str) -> int:
     a file system this node cannot see, which must not fail the task.
     """
     return sum(_path_size(os.path.join(base_dir, path)) for path in paths)
-
-
-# ---------------------------------------------------------------------------
-# retry rules
-
-def retries_allowed(rules: Sequence[tuple[str, int]], code: int) -> int:
-    """How many retries the rules grant for an exit code.
-
-    The first rule naming the code wins, else the first '*' rule, else 0. Code 0 never
-    retries; code 123 (lease lost) ignores '*' -- see LEASE_LOST_DEFAULT_RETRIES.
-    """
-    if code == 0:
-        return 0
-    wildcard = None
-    for rule_code, n in rules:
-        if rule_code == "*":
-            if wildcard is None:
-                wildcard = n
-        elif int(rule_code) == code:
-            return n
-    if code == LEASE_LOST_CODE:
-        return LEASE_LOST_DEFAULT_RETRIES
-    return wildcard or 0
-
-
-def should_retry(rules: Sequence[tuple[str, int]], code: int, executions_with_code: int) -> bool:
-    """Whether to retry after an execution ended with ``code``.
-
-    ``executions_with_code`` counts the executions of this task that ended with this
-    code, including the one that just ended; a rule 'code:n' thus allows n + 1 runs.
-    """
-    return executions_with_code <= retries_allowed(rules, code)

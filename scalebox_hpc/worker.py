@@ -19,23 +19,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .db.store import LOST_CODE, ClaimedTask, Message, Store, TaskResult
+from .db.store import ClaimedTask, Message, Store, TaskResult
 from .errors import DatabaseUnavailable, TaskFileError
 from .runtime import OutputBuffer, ProgramResult, runtime_for, utcnow
 from . import taskfiles
+from .retry import RetryRules
+from .states import AppStatus, Code, WorkerStatus
 
 log = logging.getLogger(__name__)
 
-# System error codes (SPEC section 5: -100..-111).
 DRAIN_MARGIN = 10.0           # seconds a worker keeps free before its job's end, to leave
-CODE_TASK_FILE = -101        # a file the program left in WORK_DIR is malformed
-CODE_NO_DESTINATION = -102   # output messages with no sink module and no main_router
-CODE_WORKDIR = -103          # WORK_DIR could not be made
-CODE_IMAGE = -104            # the container image cannot be found, pulled or started
-CODE_SCRATCH_FULL = -105     # node-local scratch ran out of space
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGHUP}
-CODE_FORWARD = -107          # files for another site could not be forwarded (after retries)
-CODE_PATH_REFUSED = -108     # a message names a path outside where it must stay ('..', absolute)
 MIN_FREE_BYTES = 16 << 20    # below this, scratch counts as full
 # Variables a container gets (it starts from a clean environment), besides 'environments'.
 TASK_VARIABLES = {"WORK_DIR", "DATA_DIR", "APP_ID", "MODULE_NAME", "MODULE_ID", "TASK_ID", "ATTEMPT", "SITE",
@@ -139,7 +133,9 @@ class Worker:
         self.slurm_job_id = slurm_job_id(os.environ)
         self.draining = threading.Event()   # finish the current task, return the rest
         self.stopped = threading.Event()    # lost or cancelled: stop now, commit nothing more
-        self.stop_reason = ""
+        self.stop_reason = ""               # why it stopped, in words (the worker row's message)
+        self.app_status: str | None = None  # the app's state, once it is no longer RUNNING
+        self.lost = False                   # the controller declared this worker lost
         self.terminated = False
         self.current: tuple[int, float] | None = None   # (task id, monotonic start) while a program runs
         self.pending: list[TaskResult] = []
@@ -156,7 +152,7 @@ class Worker:
         (self.module_id, self.app_id, self.module_name, self.site, mdef, self.host_bound, _slots,
          appdef) = row
         self.mdef = mdef
-        self.rules = [tuple(r) for r in mdef.get("retry_rules") or []]
+        self.rules = RetryRules.from_json(mdef.get("retry_rules"))
         self.modules, self.module_sites = {}, {}
         for mid, name, site, *_ in self.store.q("app_modules", {"app_id": self.app_id}):
             self.modules[name] = mid
@@ -224,7 +220,7 @@ class Worker:
         problem = self._prepare_runtime()
         if problem:
             now = utcnow()
-            return ProgramResult(CODE_IMAGE, now, now, "", f"scalebox-hpc: {problem}\n")
+            return ProgramResult(Code.IMAGE, now, now, "", f"scalebox-hpc: {problem}\n")
         return self.runtime.run(path, "", "{}", env=self.base_env, cwd=str(self.scratch), timeout=600,
                                 stdout=self.out, stderr=self.err)
 
@@ -264,7 +260,7 @@ class Worker:
         if setup is not None and setup.code != 0:
             self.stop_reason = f"setup hook failed with exit code {setup.code}: {setup.stderr.strip()[-300:]}"
             log.error(self.stop_reason)
-            return self._sign_off("FAILED", count_failure=True)
+            return self._sign_off(WorkerStatus.FAILED, count_failure=True)
         try:
             self._loop()
         except DatabaseUnavailable as exc:
@@ -277,14 +273,14 @@ class Worker:
             # (counted attempts), and the controller counts the failed worker.
             log.exception("worker %s crashed", self.worker_id)
             self.stop_reason = f"crashed: {type(exc).__name__}: {exc}"
-            return self._sign_off("FAILED", count_failure=True)
-        if self.stop_reason == "lost":
-            return self._sign_off("LOST")
-        return self._sign_off("EXITED")
+            return self._sign_off(WorkerStatus.FAILED, count_failure=True)
+        if self.lost:
+            return self._sign_off(WorkerStatus.LOST)
+        return self._sign_off(WorkerStatus.EXITED)
 
     def _sign_off(self, status: str, count_failure: bool = False) -> int:
         try:
-            if status == "EXITED":
+            if status == WorkerStatus.EXITED:
                 self._flush()
                 # Whatever is still held was never started (or was stopped by a cancel): free of cost.
                 self._db(lambda: self.store.return_tasks(self.worker_id, None), "return tasks", finishing=True)
@@ -300,11 +296,11 @@ class Worker:
             self.runtime.close()
             if not self.failed_workdirs:
                 shutil.rmtree(self.scratch, ignore_errors=True)
-            if self.stop_reason.startswith("app is ") and self.stop_reason[7:] in ("FINISHED", "CANCELLED", "FAILED"):
+            if self.app_status in AppStatus.TERMINAL:
                 # The app is over: its node-local data is of no more use to anyone.
                 shutil.rmtree(self.data_dir, ignore_errors=True)
             log.info("worker %s stopped: %s (%s)", self.worker_id, status, self.stop_reason or "done")
-        return 0 if status == "EXITED" else 1
+        return 0 if status == WorkerStatus.EXITED else 1
 
     def _on_signal(self, signum, _frame) -> None:
         log.info("worker %s: %s received, draining", self.worker_id, signal.Signals(signum).name)
@@ -355,8 +351,9 @@ class Worker:
                     self.stop_reason = f"idle for {s.idle_seconds:g} s"
                     return
                 payloads = self._wait(min(2.0, s.idle_seconds - idle))
-                ended = [p for p in payloads if p in ("FINISHED", "CANCELLED", "FAILED", "PAUSED")]
+                ended = [p for p in payloads if p in AppStatus.TERMINAL or p == AppStatus.PAUSED]
                 if ended:
+                    self.app_status = ended[-1]
                     self.stop_reason = f"app is {ended[-1]}"
                     return
                 continue
@@ -431,15 +428,15 @@ class Worker:
             workdir = self._workdir()
         except OSError as exc:
             full = self._scratch_full()
-            code = CODE_SCRATCH_FULL if full else CODE_WORKDIR
+            code = Code.SCRATCH_FULL if full else Code.WORKDIR
             record.update(status_code=code, note=f"cannot create WORK_DIR: {exc}" + (f" ({full})" if full else ""))
             result.code = code
             return result
         problem = self._prepare_runtime()
         if problem:
-            record.update(status_code=CODE_IMAGE, note=problem, stderr=f"scalebox-hpc: {problem}\n",
+            record.update(status_code=Code.IMAGE, note=problem, stderr=f"scalebox-hpc: {problem}\n",
                           t_stageout_end=utcnow())
-            result.code = CODE_IMAGE
+            result.code = Code.IMAGE
             return result
         env = dict(self.base_env, WORK_DIR=workdir, TASK_ID=str(task.id), ATTEMPT=str(task.attempt))
         body, body_file = task.body, None
@@ -479,16 +476,16 @@ class Worker:
             # scancel, preemption or the walltime signalled the whole job, the program
             # with it: the attempt was lost to the job's end, not failed, and is retried
             # (code 123) like one whose worker vanished.
-            return self._system_failure(result, LOST_CODE, "interrupted: the worker's batch job was stopped "
+            return self._system_failure(result, Code.LEASE_LOST, "interrupted: the worker's batch job was stopped "
                                         f"(program exit code {code})", workdir, task, names)
         full = self._scratch_full() if code != 0 and not prog.timed_out else None
         if full:
-            return self._system_failure(result, CODE_SCRATCH_FULL, f"{full} (program exit code {code})",
+            return self._system_failure(result, Code.SCRATCH_FULL, f"{full} (program exit code {code})",
                                         workdir, task, names)
         try:
             code = self._collect(workdir, names, code, result)
         except TaskFileError as exc:
-            code = CODE_TASK_FILE
+            code = Code.TASK_FILE
             result.messages, result.semaphores, result.app_result = [], [], None
             record["stderr"] = record.get("stderr", "") + f"\nscalebox-hpc: {exc}\n"
             record["note"] = str(exc)
@@ -559,7 +556,7 @@ class Worker:
                     if m.body in moved:
                         m.body = moved[m.body]
         except (transfer.TransferError, transfer.PathRefused) as exc:
-            code = CODE_PATH_REFUSED if isinstance(exc, transfer.PathRefused) else CODE_FORWARD
+            code = Code.PATH_REFUSED if isinstance(exc, transfer.PathRefused) else Code.FORWARD
             record["t_forward_end"] = utcnow()
             record["note"] = str(exc)
             record["stderr"] = record.get("stderr", "") + f"\nscalebox-hpc: {exc}\n"
@@ -639,7 +636,7 @@ class Worker:
         if result.messages and any(m.module_id is None for m in result.messages):
             record["note"] = "output messages have no destination: set sink_modules or main_router"
             result.messages = []
-            return CODE_NO_DESTINATION
+            return Code.NO_DESTINATION
         return code
 
     def _route(self, messages: list[taskfiles.SinkMessage], task_id: int) -> list[Message]:
@@ -698,7 +695,7 @@ class Worker:
         if not names:
             return
         # Kept for inspection when it failed, unless keeping it would fill the scratch further.
-        keep = code not in (0, CODE_SCRATCH_FULL) and self.failed_workdirs < self.settings.keep_failed_workdirs
+        keep = code not in (0, Code.SCRATCH_FULL) and self.failed_workdirs < self.settings.keep_failed_workdirs
         if keep:
             self.failed_workdirs += 1
         kept = self.scratch / f"failed-task-{task.id}-{task.attempt}"
@@ -735,7 +732,7 @@ class Worker:
         while not self.stopped.is_set():
             now = time.monotonic()
             if now - last_ok > self.patience:
-                self._stop("unreachable", f"database unreachable for {self.patience:.0f} s")
+                self._stop(f"database unreachable for {self.patience:.0f} s")
                 break
             try:
                 current = self.current
@@ -748,12 +745,15 @@ class Worker:
                     app_status = beat.heartbeat(self.worker_id, self.settings.lease_seconds)
                     next_beat, last_ok = now + interval, now
                     if app_status is None:
-                        self._stop("lost", "lease lost: the controller declared this worker lost")
-                    elif app_status == "CANCELLED":
-                        self._stop("cancelled", "app cancelled")
-                    elif app_status != "RUNNING":
-                        self.stop_reason = f"app is {app_status}"
-                        self.draining.set()
+                        self.lost = True
+                        self._stop("lease lost: the controller declared this worker lost")
+                    elif app_status != AppStatus.RUNNING:
+                        self.app_status = app_status
+                        if app_status == AppStatus.CANCELLED:
+                            self._stop("app cancelled")
+                        else:
+                            self.stop_reason = f"app is {app_status}"
+                            self.draining.set()
             except Exception as exc:  # noqa: BLE001 - keep beating through database outages
                 log.warning("heartbeat failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
                 beat._reset()
@@ -761,8 +761,8 @@ class Worker:
             time.sleep(0.1)
         beat.close()
 
-    def _stop(self, reason: str, message: str) -> None:
+    def _stop(self, message: str) -> None:
         log.warning("worker %s: %s; stopping the running program", self.worker_id, message)
-        self.stop_reason = reason
+        self.stop_reason = message
         self.stopped.set()
         self.runtime.kill()

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from scalebox_hpc.appdef import AppDef, load_app, load_env_file, parse_retry_rules
+from scalebox_hpc.appdef import AppDef, load_app, load_env_file
 from scalebox_hpc.errors import ConfigError
 
 
@@ -84,7 +84,7 @@ def test_valid_app_with_upstream_aliases(app_dir):
     assert calc.sink_modules == ["router"]
     assert calc.slots == 4
     assert calc.task_max_seconds == 600
-    assert calc.retry_rules == [("1", 3), ("2", 2), ("*", 1)]
+    assert calc.retry_rules.rules == (("1", 3), ("2", 2), ("*", 1))
     assert calc.task_dist_mode == "HOST-BOUND"
     assert calc.environments == {"NUM_GROUPS": "10"}
     assert calc.volumes == ["/data:/data:ro"]
@@ -266,23 +266,6 @@ def test_invalid_retry_rule(app_dir):
     """)
     assert "app.yaml:5: modules.m.retry_rules: invalid retry rule 'x:2'" in msg
     assert "use CODE:RETRIES" in msg
-
-
-@pytest.mark.parametrize("value, expected", [
-    (None, []),
-    ("['1:3','2:2','*']", [("1", 3), ("2", 2), ("*", 1)]),
-    ("1:3, -9:1,*:5", [("1", 3), ("-9", 1), ("*", 5)]),
-    (["+2:0", "*"], [("2", 0), ("*", 1)]),
-    ("[]", []),
-])
-def test_parse_retry_rules(value, expected):
-    assert parse_retry_rules(value) == expected
-
-
-@pytest.mark.parametrize("value", ["1", "1:-1", "a:b", ["*", "*:2"], [1], {"1": 3}])
-def test_parse_retry_rules_rejects(value):
-    with pytest.raises(ConfigError):
-        parse_retry_rules(value, file="app.yaml", key="k", line=3)
 
 
 def test_missing_program(app_dir):

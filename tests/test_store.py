@@ -1,6 +1,7 @@
 """The queue's guarantees, checked on a real PostgreSQL through the Store API."""
 from __future__ import annotations
 
+from scalebox_hpc.retry import RetryRules
 from scalebox_hpc.db.store import Message, Store, TaskResult
 
 
@@ -56,9 +57,9 @@ def test_completion_and_messages_are_one_transaction_and_exactly_once(dsn):
     (task,) = claim(s, wid, app_id, ids["m"])
     msg = Message(ids["next"], "out", {"repeatable": "yes"})
     r = result(task, 0, [msg])
-    assert s.complete(worker_id=wid, app_id=app_id, results=[r], retry_rules=[]) == 1
+    assert s.complete(worker_id=wid, app_id=app_id, results=[r], retry_rules=RetryRules()) == 1
     # The same answer again (a retry after a dropped connection) changes nothing.
-    assert s.complete(worker_id=wid, app_id=app_id, results=[r], retry_rules=[]) == 0
+    assert s.complete(worker_id=wid, app_id=app_id, results=[r], retry_rules=RetryRules()) == 0
     assert s.conn.execute("SELECT count(*) FROM tasks WHERE module_id = %s", (ids["next"],)).fetchone()[0] == 1
     assert s.conn.execute("SELECT count(*) FROM task_exec").fetchone()[0] == 1
 
@@ -74,7 +75,7 @@ def test_late_answer_of_a_recovered_attempt_is_dropped(dsn):
     status, attempts = s.conn.execute("SELECT status, attempts FROM tasks WHERE id = %s", (task.id,)).fetchone()
     assert (status, attempts) == (-1, 1)          # READY again, the lost attempt counted
     late = result(task, 0, [Message(ids["next"], "out")])
-    assert s.complete(worker_id=wid, app_id=app_id, results=[late], retry_rules=[]) == 0
+    assert s.complete(worker_id=wid, app_id=app_id, results=[late], retry_rules=RetryRules()) == 0
     assert s.conn.execute("SELECT count(*) FROM tasks WHERE module_id = %s", (ids["next"],)).fetchone()[0] == 0
     codes = [r[0] for r in s.conn.execute("SELECT status_code FROM task_exec WHERE task_id = %s", (task.id,))]
     assert codes == [123]
@@ -111,13 +112,13 @@ def test_retry_rules_and_semaphores(dsn):
     (task,) = claim(s, wid, app_id, ids["m"])
     failed = result(task, 1)
     failed.semaphores = [("sem", "+", 5)]         # a failed attempt applies nothing
-    s.complete(worker_id=wid, app_id=app_id, results=[failed], retry_rules=[("1", 1)])
+    s.complete(worker_id=wid, app_id=app_id, results=[failed], retry_rules=RetryRules((("1", 1),)))
     assert s.conn.execute("SELECT status FROM tasks").fetchone()[0] == -1
     (task,) = claim(s, wid, app_id, ids["m"])
     ok = result(task, 0)
     ok.semaphores = [("sem", "+", 5), ("sem", "-", 2), ("other", "=", 7)]
     ok.app_result = "all good"
-    s.complete(worker_id=wid, app_id=app_id, results=[ok], retry_rules=[("1", 1)])
+    s.complete(worker_id=wid, app_id=app_id, results=[ok], retry_rules=RetryRules((("1", 1),)))
     assert dict(s.conn.execute("SELECT name, value FROM semaphores").fetchall()) == {"sem": 3, "other": 7}
     assert s.conn.execute("SELECT result FROM apps").fetchone()[0] == "all good"
     assert [r[0] for r in s.conn.execute("SELECT status_code FROM task_exec ORDER BY attempt")] == [1, 0]

@@ -2,7 +2,6 @@ import pytest
 
 from scalebox_hpc.errors import TaskFileError
 from scalebox_hpc.taskfiles import (
-    LEASE_LOST_DEFAULT_RETRIES,
     SemaphoreOp,
     SinkMessage,
     TaskExecInfo,
@@ -11,8 +10,6 @@ from scalebox_hpc.taskfiles import (
     parse_sink_tasks,
     parse_task_exec_json,
     parse_timestamps,
-    retries_allowed,
-    should_retry,
     sum_file_sizes,
 )
 
@@ -263,45 +260,3 @@ def test_sum_file_sizes(tmp_path):
         assert sum_file_sizes([], str(tmp_path)) == 0
     finally:
         other.unlink()
-
-
-# --- retry rules -------------------------------------------------------------
-
-SPEC_RULES = [("1", 3), ("2", 2), ("*", 1)]  # "['1:3','2:2','*']", '*' defaulting to 1 retry
-
-
-def executions_until_done(rules, code):
-    """Simulate a program that always exits with ``code``: run, then retry while allowed."""
-    executions = 0
-    while True:
-        executions += 1
-        if not should_retry(rules, code, executions):
-            return executions
-
-
-@pytest.mark.parametrize("code, expected", [(1, 4), (2, 3), (3, 2), (0, 1), (124, 2)])
-def test_spec_retry_example(code, expected):
-    assert executions_until_done(SPEC_RULES, code) == expected
-
-
-def test_retries_allowed():
-    assert retries_allowed(SPEC_RULES, 1) == 3
-    assert retries_allowed(SPEC_RULES, 2) == 2
-    assert retries_allowed(SPEC_RULES, 99) == 1
-    assert retries_allowed(SPEC_RULES, -101) == 1
-    assert retries_allowed(SPEC_RULES, 0) == 0
-    assert retries_allowed([("0", 5), ("*", 5)], 0) == 0
-    assert retries_allowed([], 1) == 0
-    assert retries_allowed([("1", 3)], 2) == 0
-    # the first matching rule wins, and an explicit code beats an earlier '*'
-    assert retries_allowed([("*", 4), ("1", 1), ("1", 9)], 1) == 1
-    assert retries_allowed([("*", 4), ("*", 9)], 5) == 4
-
-
-def test_lease_lost_default():
-    assert retries_allowed([], 123) == LEASE_LOST_DEFAULT_RETRIES == 3
-    assert retries_allowed([("*", 0)], 123) == LEASE_LOST_DEFAULT_RETRIES
-    assert retries_allowed([("*", 10)], 123) == LEASE_LOST_DEFAULT_RETRIES
-    assert retries_allowed([("123", 0), ("*", 10)], 123) == 0
-    assert retries_allowed([("123", 7)], 123) == 7
-    assert executions_until_done([("1", 3)], 123) == LEASE_LOST_DEFAULT_RETRIES + 1

@@ -11,6 +11,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from ..errors import DatabaseUnavailable, ScaleboxError
+from ..states import sql_constants
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -18,8 +19,23 @@ T = TypeVar("T")
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.M)
 
 
+_CONSTANT = re.compile(r"@([A-Z_]+)\b")
+
+
+def _constants(text: str) -> str:
+    """Put the statuses and codes of states.py in for their @NAMEs (as literals, so that
+    a partial index on 'status = -1' still matches)."""
+    values = sql_constants()
+
+    def value(match: re.Match) -> str:
+        if match.group(1) not in values:
+            raise KeyError(f"queries.sql: unknown constant @{match.group(1)} (see scalebox_hpc/states.py)")
+        return str(values[match.group(1)])
+    return _CONSTANT.sub(value, text)
+
+
 def _load_queries() -> dict[str, str]:
-    text = resources.files(__package__).joinpath("queries.sql").read_text()
+    text = _constants(resources.files(__package__).joinpath("queries.sql").read_text())
     parts = _NAME.split(text)
     # parts = [preamble, name1, body1, name2, body2, ...]
     return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2])}

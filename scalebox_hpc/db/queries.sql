@@ -1,6 +1,7 @@
 -- Every SQL statement the project runs, by name. scalebox_hpc/db/store.py turns
 -- them into Python calls; nothing else in the package writes SQL.
--- Placeholders are psycopg named parameters.
+-- Placeholders are psycopg named parameters; a name after @ (@READY, @LEASE_LOST) is a
+-- task status or code of scalebox_hpc/states.py, put in as a number when loaded.
 
 -- name: schema_table_exists
 SELECT to_regclass('schema_migrations') IS NOT NULL;
@@ -49,7 +50,7 @@ WITH x AS (
 ), ins AS (
     INSERT INTO tasks (app_id, module_id, body, headers, repeatable, to_host, from_task_id,
                        message_created, ready_at, status)
-    SELECT %(app_id)s, x.m, x.b, x.h::jsonb, x.r, x.th, x.ft, coalesce(x.mc, now()), now(), -1
+    SELECT %(app_id)s, x.m, x.b, x.h::jsonb, x.r, x.th, x.ft, coalesce(x.mc, now()), now(), @READY
     FROM x
     WHERE x.r OR EXISTS (SELECT 1 FROM fresh f WHERE f.module_id = x.m AND f.body_md5 = x.k)
     RETURNING module_id
@@ -111,7 +112,7 @@ SELECT id FROM modules WHERE app_id = %(app_id)s AND name = %(name)s;
 -- Ready tasks of a HOST-BOUND module that name a to_host need a worker on that host, not
 -- just any: host_demand counts those, so they are left out here.
 SELECT m.id, m.app_id, m.name, m.site, m.slots, m.min_workers, m.worker_failures,
-       (SELECT count(*) FROM (SELECT 1 FROM tasks t WHERE t.module_id = m.id AND t.status = -1
+       (SELECT count(*) FROM (SELECT 1 FROM tasks t WHERE t.module_id = m.id AND t.status = @READY
                                 AND (NOT m.host_bound OR t.to_host IS NULL)
                               LIMIT %(ready_cap)s) r) AS ready,
        (SELECT count(*) FROM workers w WHERE w.module_id = m.id
@@ -134,7 +135,7 @@ RETURNING id;
 WITH ready AS (
     SELECT t.module_id, t.to_host, count(*) AS n
     FROM tasks t JOIN modules m ON m.id = t.module_id JOIN apps a ON a.id = m.app_id
-    WHERE m.host_bound AND a.status = 'RUNNING' AND t.status = -1 AND t.to_host IS NOT NULL
+    WHERE m.host_bound AND a.status = 'RUNNING' AND t.status = @READY AND t.to_host IS NOT NULL
     GROUP BY t.module_id, t.to_host
 ), live AS (
     SELECT w.module_id, coalesce(w.host, w.want_host) AS host, count(*) AS n,
@@ -156,7 +157,7 @@ ORDER BY m.id, r.to_host;
 -- system code, each with an attempt whose note says which host and why.
 WITH t AS (
     UPDATE tasks SET status = %(code)s, attempts = attempts + 1, worker_id = NULL, finished_at = now()
-    WHERE module_id = %(module_id)s AND to_host = %(host)s AND status = -1
+    WHERE module_id = %(module_id)s AND to_host = %(host)s AND status = @READY
     RETURNING id, attempts, ready_at
 )
 INSERT INTO task_exec (task_id, attempt, status_code, t_ready, note)
@@ -168,7 +169,7 @@ RETURNING task_id;
 -- any host; the program still sees where they were meant to run (header wanted_host).
 UPDATE tasks SET to_host = NULL,
        headers = (headers - 'to_host') || jsonb_build_object('wanted_host', to_host)
-WHERE module_id = %(module_id)s AND to_host = %(host)s AND status = -1
+WHERE module_id = %(module_id)s AND to_host = %(host)s AND status = @READY
 RETURNING id;
 
 -- name: pending_host_workers
@@ -204,7 +205,7 @@ WHERE id = (SELECT module_id FROM workers WHERE id = %(worker_id)s);
 -- that the controller declared lost, or a paused app, claims nothing.
 WITH c AS (
     SELECT t.id FROM tasks t
-    WHERE t.module_id = %(module_id)s AND t.status = -1
+    WHERE t.module_id = %(module_id)s AND t.status = @READY
       AND (NOT %(host_bound)s OR t.to_host IS NULL OR t.to_host = %(host)s)
       AND EXISTS (SELECT 1 FROM apps a WHERE a.id = %(app_id)s AND a.status = 'RUNNING')
       AND EXISTS (SELECT 1 FROM workers w WHERE w.id = %(worker_id)s AND w.status = 'RUNNING')
@@ -212,19 +213,19 @@ WITH c AS (
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
-UPDATE tasks t SET status = -2, worker_id = %(worker_id)s, attempts = t.attempts + 1, claimed_at = now()
+UPDATE tasks t SET status = @QUEUED, worker_id = %(worker_id)s, attempts = t.attempts + 1, claimed_at = now()
 FROM c WHERE t.id = c.id
 RETURNING t.id, t.body, t.headers::text, t.attempts, t.ready_at, t.claimed_at;
 
 -- name: mark_running
-UPDATE tasks SET status = -3
-WHERE id = %(task_id)s AND worker_id = %(worker_id)s AND status = -2;
+UPDATE tasks SET status = @RUNNING
+WHERE id = %(task_id)s AND worker_id = %(worker_id)s AND status = @QUEUED;
 
 -- name: return_tasks
 -- A draining worker hands back tasks it never started: no attempt is counted.
-UPDATE tasks SET status = -1, worker_id = NULL, attempts = attempts - 1, ready_at = now(), claimed_at = NULL
+UPDATE tasks SET status = @READY, worker_id = NULL, attempts = attempts - 1, ready_at = now(), claimed_at = NULL
 WHERE (%(task_ids)s::bigint[] IS NULL OR id = ANY(%(task_ids)s::bigint[]))
-  AND worker_id = %(worker_id)s AND status IN (-2, -3)
+  AND worker_id = %(worker_id)s AND status IN (@QUEUED, @RUNNING)
 RETURNING module_id;
 
 -- name: exec_counts
@@ -237,11 +238,11 @@ WHERE task_id = ANY(%(task_ids)s) GROUP BY task_id, status_code;
 -- attempt whose lease was recovered changes nothing (exactly-once routing).
 UPDATE tasks t
 SET status = x.status,
-    worker_id = CASE WHEN x.status = -1 THEN NULL ELSE t.worker_id END,
-    ready_at = CASE WHEN x.status = -1 THEN now() ELSE t.ready_at END,
-    finished_at = CASE WHEN x.status = -1 THEN NULL ELSE now() END
+    worker_id = CASE WHEN x.status = @READY THEN NULL ELSE t.worker_id END,
+    ready_at = CASE WHEN x.status = @READY THEN now() ELSE t.ready_at END,
+    finished_at = CASE WHEN x.status = @READY THEN NULL ELSE now() END
 FROM unnest(%(task_ids)s::bigint[], %(attempts)s::integer[], %(statuses)s::integer[]) AS x(id, attempt, status)
-WHERE t.id = x.id AND t.worker_id = %(worker_id)s AND t.status IN (-2, -3) AND t.attempts = x.attempt
+WHERE t.id = x.id AND t.worker_id = %(worker_id)s AND t.status IN (@QUEUED, @RUNNING) AND t.attempts = x.attempt
 RETURNING t.id, t.status;
 
 -- name: notify_module
@@ -281,9 +282,9 @@ RETURNING id, module_id, status;
 -- Tasks still held by a worker that is gone.
 SELECT t.id, t.attempts, t.module_id, t.worker_id, t.ready_at, t.claimed_at,
        m.definition->'retry_rules' AS retry_rules,
-       (SELECT count(*) FROM task_exec e WHERE e.task_id = t.id AND e.status_code = 123) AS lost_before
+       (SELECT count(*) FROM task_exec e WHERE e.task_id = t.id AND e.status_code = @LEASE_LOST) AS lost_before
 FROM tasks t JOIN workers w ON w.id = t.worker_id JOIN modules m ON m.id = t.module_id
-WHERE t.status IN (-2, -3) AND w.status IN ('LOST', 'EXITED', 'FAILED')
+WHERE t.status IN (@QUEUED, @RUNNING) AND w.status IN ('LOST', 'EXITED', 'FAILED')
 ORDER BY t.id
 LIMIT 5000
 FOR UPDATE OF t SKIP LOCKED;
@@ -292,7 +293,7 @@ FOR UPDATE OF t SKIP LOCKED;
 -- An app whose tasks are all final is FINISHED.
 UPDATE apps a SET status = 'FINISHED', finished_at = now()
 WHERE a.status = 'RUNNING'
-  AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.app_id = a.id AND t.status IN (-9, -1, -2, -3))
+  AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.app_id = a.id AND t.status IN (@INITIAL, @READY, @QUEUED, @RUNNING))
 RETURNING a.id;
 
 -- name: fail_app_for_workers
@@ -335,8 +336,8 @@ WHERE e.task_id = %(task_id)s ORDER BY e.attempt;
 -- Operator retry: final failed tasks (an exit code, or a system code -100 and below)
 -- become READY again, each filter applying when given. One more attempt each: the
 -- retry rules still count the attempts they had.
-UPDATE tasks SET status = -1, ready_at = now(), finished_at = NULL, worker_id = NULL
-WHERE app_id = %(app_id)s AND (status > 0 OR status < -9)
+UPDATE tasks SET status = @READY, ready_at = now(), finished_at = NULL, worker_id = NULL
+WHERE app_id = %(app_id)s AND (status > @OK OR status < @INITIAL)
   AND (%(task_ids)s::bigint[] IS NULL OR id = ANY(%(task_ids)s::bigint[]))
   AND (%(module_id)s::bigint IS NULL OR module_id = %(module_id)s)
   AND (%(codes)s::integer[] IS NULL OR status = ANY(%(codes)s::integer[]))
@@ -379,8 +380,8 @@ SELECT module_id FROM workers WHERE id = %(worker_id)s;
 
 -- name: recover_tasks
 UPDATE tasks t SET status = x.s, worker_id = NULL,
-       ready_at = CASE WHEN x.s = -1 THEN now() ELSE t.ready_at END,
-       finished_at = CASE WHEN x.s = -1 THEN NULL ELSE now() END
+       ready_at = CASE WHEN x.s = @READY THEN now() ELSE t.ready_at END,
+       finished_at = CASE WHEN x.s = @READY THEN NULL ELSE now() END
 FROM unnest(%(task_ids)s::bigint[], %(statuses)s::integer[]) AS x(id, s)
 WHERE t.id = x.id;
 
@@ -465,8 +466,8 @@ ANALYZE report_exec;
 SELECT min(t_start), max(greatest(t_end, t_start)) FROM report_exec WHERE t_start IS NOT NULL AND t_end IS NOT NULL;
 
 -- name: report_module_attempts
-SELECT module_id, count(*), count(*) FILTER (WHERE attempt > 1), count(*) FILTER (WHERE code <> 0),
-       count(*) FILTER (WHERE code = 123), coalesce(sum(run), 0),
+SELECT module_id, count(*), count(*) FILTER (WHERE attempt > 1), count(*) FILTER (WHERE code <> @OK),
+       count(*) FILTER (WHERE code = @LEASE_LOST), coalesce(sum(run), 0),
        coalesce(sum(greatest(t_end - t_start, 0)), 0)
 FROM report_exec GROUP BY module_id;
 
@@ -489,7 +490,7 @@ WITH ev AS (
     SELECT module_id, worker_id, t_start AS t, true AS is_start, NULL::boolean AS ok
     FROM report_exec WHERE t_start IS NOT NULL AND t_end IS NOT NULL
     UNION ALL
-    SELECT module_id, worker_id, greatest(t_end, t_start), false, code = 0
+    SELECT module_id, worker_id, greatest(t_end, t_start), false, code = @OK
     FROM report_exec WHERE t_start IS NOT NULL AND t_end IS NOT NULL
 ), b AS (
     SELECT *, least(greatest(floor((t - %(t0)s) / %(width)s), 0), %(bins)s - 1)::integer AS bin FROM ev
@@ -514,7 +515,7 @@ ORDER BY w.module_id, w.id;
 -- name: report_gantt_bars
 -- The Gantt's bars: the per_worker longest successful and longest failed attempts of each shown worker.
 SELECT task_id, attempt, worker_id, code, t_start, greatest(t_end, t_start), run
-FROM (SELECT r.*, row_number() OVER (PARTITION BY worker_id, code = 0 ORDER BY t_end - t_start DESC) AS k
+FROM (SELECT r.*, row_number() OVER (PARTITION BY worker_id, code = @OK ORDER BY t_end - t_start DESC) AS k
       FROM report_exec r
       WHERE worker_id = ANY(%(worker_ids)s) AND t_start IS NOT NULL AND t_end IS NOT NULL) x
 WHERE k <= %(per_worker)s;
@@ -540,7 +541,7 @@ FROM tasks t JOIN modules m ON m.id = t.module_id LEFT JOIN workers w ON w.id = 
 WHERE t.app_id = %(app_id)s
   AND (%(module)s::text IS NULL OR m.name = %(module)s)
   AND (%(status)s::integer IS NULL OR t.status = %(status)s)
-  AND (NOT %(failed)s OR t.status > 0 OR t.status < -9)
+  AND (NOT %(failed)s OR t.status > @OK OR t.status < @INITIAL)
   AND (%(host)s::text IS NULL OR w.host = %(host)s)
 ORDER BY t.id
 LIMIT %(limit)s;

@@ -14,15 +14,14 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from . import QUERIES, connect, with_retry
-from ..taskfiles import should_retry
+from ..retry import RetryRules
+from ..states import Code, TaskStatus
 
 log = logging.getLogger(__name__)
 
 # Columns a worker or the controller fills in a task_exec row, as the COPY names them.
 EXEC_COLUMNS = tuple(re.search(r"\((.*?)\)", QUERIES["copy_task_exec"], re.S).group(1).replace(",", " ").split())
 _JSON_COLUMNS = {"user_timestamps", "input_files", "output_files", "forwards"}
-
-LOST_CODE = 123
 
 
 @dataclass
@@ -246,7 +245,7 @@ class Store:
         return len(rows)
 
     def complete(self, *, worker_id: int, app_id: int, results: Sequence[TaskResult],
-                 retry_rules: Sequence[tuple[str, int]]) -> int:
+                 retry_rules: RetryRules) -> int:
         """Commit finished attempts, each with its exec row, sink messages, semaphores
         and app result, in one transaction. Attempts this worker no longer holds
         (lease recovered meanwhile) are dropped whole. Returns how many were applied."""
@@ -276,25 +275,24 @@ class Store:
                     self.q("apply_semaphore", {"app_id": app_id, "name": name, "op": op, "value": value})
                 if r.app_result is not None:
                     self.q("set_app_result", {"app_id": app_id, "result": r.app_result})
-            if any(statuses[r.task_id] == -1 for r in applied):
+            if any(statuses[r.task_id] == TaskStatus.READY for r in applied):
                 # Retried tasks are READY again: wake idle workers of this module.
                 self.q("notify_module", {"module_id": self.one("worker_module", {"worker_id": worker_id}),
                                          "payload": "ready"})
             self.q("count_done", {"worker_id": worker_id, "n": len(applied)})
         return len(applied)
 
-    def _final_statuses(self, results: Sequence[TaskResult],
-                        rules: Sequence[tuple[str, int]]) -> dict[int, int]:
-        """Status each attempt leaves its task in: its code, or READY (-1) to retry."""
+    def _final_statuses(self, results: Sequence[TaskResult], rules: RetryRules) -> dict[int, int]:
+        """Status each attempt leaves its task in: its code, or READY to retry."""
         statuses = {r.task_id: r.code for r in results}
-        failed = [r for r in results if r.code != 0 and should_retry(rules, r.code, 1)]
+        failed = [r for r in results if r.code != Code.OK and rules.allows(r.code, 1)]
         if failed:
             counts: dict[tuple[int, int], int] = {}
             for task_id, code, n in self.q("exec_counts", {"task_ids": [r.task_id for r in failed]}):
                 counts[(task_id, code)] = n
             for r in failed:
-                if should_retry(rules, r.code, counts.get((r.task_id, r.code), 0) + 1):
-                    statuses[r.task_id] = -1
+                if rules.allows(r.code, counts.get((r.task_id, r.code), 0) + 1):
+                    statuses[r.task_id] = TaskStatus.READY
         return statuses
 
     # -- controller -------------------------------------------------------------------
@@ -309,13 +307,12 @@ class Store:
                 return lost, 0
             ids, attempts, statuses, records, modules = [], [], [], [], set()
             for task_id, attempt, module_id, worker_id, ready, claimed, rules, lost_before in orphans:
-                rules = [tuple(r) for r in rules or []]
-                retry = should_retry(rules, LOST_CODE, lost_before + 1)
+                retry = RetryRules.from_json(rules).allows(Code.LEASE_LOST, lost_before + 1)
                 ids.append(task_id)
                 attempts.append(attempt)
-                statuses.append(-1 if retry else LOST_CODE)
+                statuses.append(TaskStatus.READY if retry else Code.LEASE_LOST)
                 modules.add(module_id)
-                records.append({"task_id": task_id, "attempt": attempt, "status_code": LOST_CODE,
+                records.append({"task_id": task_id, "attempt": attempt, "status_code": Code.LEASE_LOST,
                                 "worker_id": worker_id, "t_ready": ready, "t_claimed": claimed,
                                 "note": "lease lost: the worker died or stopped heart-beating"})
             self.q("recover_tasks", {"task_ids": ids, "statuses": statuses})
