@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from scalebox_hpc.controller import CODE_HOST_GONE, Controller, ControllerSettings
+from scalebox_hpc.controller import Controller, ControllerSettings
+from scalebox_hpc.states import Code
 from scalebox_hpc.db.store import Message, Store
 from scalebox_hpc.siteconfig import load_site
 from scalebox_hpc.sites import LiveWorker
@@ -222,10 +223,10 @@ def test_gone_host_fails_or_frees_its_tasks_by_host_fallback(controller):
     # fail: a final system code, and an attempt whose note names the host and why.
     for body in ("a", "b"):
         task_id, _module, status, attempts, _body, headers, to_host, *_ = tasks[body]
-        assert (status, attempts, to_host) == (CODE_HOST_GONE, 1, "n2")
+        assert (status, attempts, to_host) == (Code.HOST_GONE, 1, "n2")
         (code, note), = store.conn.execute("SELECT status_code, note FROM task_exec WHERE task_id = %s",
                                            (task_id,)).fetchall()
-        assert code == CODE_HOST_GONE and "to_host n2 is gone: node n2 is down (sinfo, reason: test)" in note
+        assert code == Code.HOST_GONE and "to_host n2 is gone: node n2 is down (sinfo, reason: test)" in note
     # anywhere: READY for any worker, the host it wanted kept in its headers.
     _id, _m, status, _a, _b, headers, to_host, *_ = tasks["c"]
     assert (status, to_host) == (-1, None)
