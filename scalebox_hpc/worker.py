@@ -21,9 +21,9 @@ from pathlib import Path
 
 from .db.store import ClaimedTask, Message, Store, TaskResult
 from .errors import DatabaseUnavailable, TaskFileError
-from .runtime import OutputBuffer, ProgramResult, runtime_for, utcnow
 from . import taskfiles
-from .retry import RetryRules
+from .appdef import ModuleDef
+from .runtimes import ImageError, OutputBuffer, ProgramResult, RuntimePlace, runtime_for, utcnow
 from .states import AppStatus, Code, WorkerStatus
 
 log = logging.getLogger(__name__)
@@ -31,10 +31,6 @@ log = logging.getLogger(__name__)
 DRAIN_MARGIN = 10.0           # seconds a worker keeps free before its job's end, to leave
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGHUP}
 MIN_FREE_BYTES = 16 << 20    # below this, scratch counts as full
-# Variables a container gets (it starts from a clean environment), besides 'environments'.
-TASK_VARIABLES = {"WORK_DIR", "DATA_DIR", "APP_ID", "MODULE_NAME", "MODULE_ID", "TASK_ID", "ATTEMPT", "SITE",
-                  "LOCAL_HOST", "LOCAL_IP", "SLURM_JOB_ID", "SCALEBOX_BODY_FILE"}
-
 SINK_FILES = ("sink-tasks.txt", "messages.txt")
 # What a program leaves in WORK_DIR to talk to scalebox-hpc, as opposed to its data.
 CONTROL_FILES = {*SINK_FILES, "task-exec.json", "timestamps.txt", "input-files.txt", "output-files.txt",
@@ -151,21 +147,20 @@ class Worker:
         row = self.store.q("get_module", {"module_id": module_id}).fetchone()
         (self.module_id, self.app_id, self.module_name, self.site, mdef, self.host_bound, _slots,
          appdef) = row
-        self.mdef = mdef
-        self.rules = RetryRules.from_json(mdef.get("retry_rules"))
+        self.module: ModuleDef = ModuleDef.from_json(mdef)
+        module = self.module
         self.modules, self.module_sites = {}, {}
         for mid, name, site, *_ in self.store.q("app_modules", {"app_id": self.app_id}):
             self.modules[name] = mid
             self.module_sites[mid] = site
         self.site_records: dict[str, dict] | None = None    # sites table, read at the first forward
         self.main_router = appdef.get("main_router")
-        self.program = mdef.get("command")
-        limit = int(mdef.get("stdout_limit") or self.settings.stdout_limit)
+        limit = module.stdout_limit or self.settings.stdout_limit
         self.out = OutputBuffer("stdout", limit)
         self.err = OutputBuffer("stderr", limit)
-        self.max_batch = int(mdef.get("task_batch_size") or self.settings.max_batch)
-        if mdef.get("idle_seconds") is not None:
-            self.settings.idle_seconds = float(mdef["idle_seconds"])
+        self.max_batch = module.task_batch_size or self.settings.max_batch
+        if module.idle_seconds is not None:
+            self.settings.idle_seconds = module.idle_seconds
         self.scratch = Path(self.settings.scratch_root) / f"worker-{self.worker_id}"
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.workdir = str(self.scratch / "work")
@@ -174,7 +169,11 @@ class Worker:
         # live here: per app and node, shared by the app's workers there, outliving tasks.
         self.data_dir = Path(self.settings.scratch_root) / "scalebox-data" / f"app-{self.app_id}"
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.runtime = self._make_runtime(mdef)
+        s = self.settings
+        self.runtime = runtime_for(module, RuntimePlace(
+            workdir=self.workdir, data_dir=str(self.data_dir), binary=s.runtime, pull_timeout=s.pull_timeout,
+            image_cache=os.path.expandvars(s.image_cache or os.path.join(s.scratch_root, "scalebox-images")),
+            instance_name=f"sbx-{self.worker_id}-{os.getpid()}"))
         self.runtime_error: tuple[float, str] | None = None     # (when, why) prepare() last failed
         self.space_checked = (0.0, None)
         self.base_env = dict(os.environ)
@@ -182,26 +181,11 @@ class Worker:
         self.base_env.update({
             "APP_ID": str(self.app_id), "MODULE_NAME": self.module_name, "MODULE_ID": str(self.module_id),
             "SITE": self.site, "LOCAL_HOST": self.host, "LOCAL_IP": self.ip, "DATA_DIR": str(self.data_dir),
-            **{k: str(v) for k, v in (mdef.get("environments") or {}).items()}})
-
-    def _make_runtime(self, mdef: dict):
-        s = self.settings
-        image = mdef.get("base_image", "host")
-        if image in ("host", "", None) or (self.program or "").startswith("@"):
-            return runtime_for(self.program, image)
-        from .containers import find_runtime
-        return runtime_for(
-            self.program, image, binary=find_runtime(s.runtime), mode=mdef.get("container_mode") or "exec",
-            code_path=mdef.get("code_path"), workdir=self.workdir, data_dir=str(self.data_dir),
-            volumes=list(mdef.get("volumes") or []),
-            cache_dir=os.path.expandvars(s.image_cache or os.path.join(s.scratch_root, "scalebox-images")),
-            name=f"sbx-{self.worker_id}-{os.getpid()}", pull_timeout=s.pull_timeout,
-            variables=TASK_VARIABLES | set(mdef.get("environments") or {}))
+            **{k: str(v) for k, v in module.environments.items()}})
 
     def _prepare_runtime(self) -> str | None:
         """Pull the image / start the instance, once; why it failed, or None. After a
         failure the tasks fail fast for a minute before the next try."""
-        from .containers import ImageError
         if self.runtime_error and time.monotonic() - self.runtime_error[0] < 60:
             return self.runtime_error[1]
         try:
@@ -214,7 +198,7 @@ class Worker:
             return str(exc)
 
     def _hook(self, name: str) -> ProgramResult | None:
-        path = self.mdef.get(name)
+        path = getattr(self.module, name)
         if not path:
             return None
         problem = self._prepare_runtime()
@@ -313,7 +297,7 @@ class Worker:
         s = self.settings
         idle_since = time.monotonic()
         while not (self.draining.is_set() or self.stopped.is_set()):
-            if self.mdef.get("check"):
+            if self.module.check:
                 check = self._hook("check")
                 if check is not None and check.code != 0:
                     self._flush()
@@ -379,7 +363,7 @@ class Worker:
         left = self.settings.job_end - self.settings.drain_margin - time.time()
         # A task is claimed only if its task_max_seconds fits; without one, if 1.5 times
         # the longest task seen so far fits (nothing seen yet: one is tried).
-        limit = self.mdef.get("task_max_seconds")
+        limit = self.module.task_max_seconds
         expect = float(limit) if limit else 1.5 * self.longest_seconds
         if left <= 0 or left < expect:
             return 0
@@ -416,7 +400,8 @@ class Worker:
             return
         results, self.pending = self.pending, []
         self._db(lambda: self.store.complete(worker_id=self.worker_id, app_id=self.app_id, results=results,
-                                             retry_rules=self.rules), "commit task results", finishing=True)
+                                             retry_rules=self.module.retry_rules), "commit task results",
+                 finishing=True)
 
     # -- one task -------------------------------------------------------------------------
     def _run_task(self, task: ClaimedTask) -> TaskResult:
@@ -446,10 +431,10 @@ class Worker:
             body_file = Path(workdir, BODY_FILE)
             body_file.write_bytes(task.body.encode())
             body = env["SCALEBOX_BODY_FILE"] = str(body_file)
-        timeout = self.mdef.get("task_max_seconds")
+        timeout = self.module.task_max_seconds
         self.current = (task.id, time.monotonic())
         try:
-            prog = self.runtime.run(self.program, body, task.headers, env=env,
+            prog = self.runtime.run(self.module.command, body, task.headers, env=env,
                                     cwd=workdir, timeout=float(timeout) if timeout else None,
                                     stdout=self.out, stderr=self.err)
         finally:
@@ -543,8 +528,8 @@ class Worker:
                     log.warning("task %s: forward to site %s failed (try %d), sending again: %s",
                                 task.id, site, attempt, exc)
 
-                sent = transfer.send(target, dest, items, mode=self.mdef.get("forward_mode") or "stream",
-                                     retries=int(self.mdef.get("forward_retries", 3)), on_retry=retrying)
+                sent = transfer.send(target, dest, items, mode=self.module.forward_mode,
+                                     retries=self.module.forward_retries, on_retry=retrying)
                 forwards.append({"site": site, **sent})
                 for m in messages:
                     files = wanted.get(id(m))
@@ -647,7 +632,7 @@ class Worker:
             if msg.module:
                 targets = [msg.module]
             else:
-                targets = list(self.mdef.get("sink_modules") or []) or (
+                targets = list(self.module.sink_modules) or (
                     [self.main_router] if self.main_router else [None])
             for target in targets:
                 out.append(Message(self.modules.get(target) if target else None, msg.body,
@@ -657,7 +642,7 @@ class Worker:
     def _space_problem(self) -> str | None:
         """Why not to claim now: scratch below the module's free_space_gb, or DATA_DIR
         above its dir_quota_gb (measured at most every 10 s)."""
-        free_gb, quota_gb = self.mdef.get("free_space_gb"), self.mdef.get("dir_quota_gb")
+        free_gb, quota_gb = self.module.free_space_gb, self.module.dir_quota_gb
         if not free_gb and not quota_gb:
             return None
         now = time.monotonic()
@@ -699,7 +684,7 @@ class Worker:
         if keep:
             self.failed_workdirs += 1
         kept = self.scratch / f"failed-task-{task.id}-{task.attempt}"
-        if getattr(self.runtime, "fixed_workdir", False):
+        if self.runtime.fixed_workdir:
             # A container instance has this very directory bound at /work: empty it in place.
             if keep:
                 kept.mkdir()

@@ -93,8 +93,8 @@ def test_instance_agent_runs_each_task_exactly(container_env, open_dir, monkeypa
     """The agent inside an instance: argv byte for byte (empty, trailing newlines, quotes,
     '='), exit codes, stderr, a clean environment, a timeout that keeps partial output,
     a kill from another thread, and the per-task exec fallback for a call too big for it."""
-    from scalebox_hpc.containers import AGENT_FILES, ContainerRuntime, find_runtime
-    from scalebox_hpc.runtime import OutputBuffer
+    from scalebox_hpc.runtimes.apptainer import AGENT_FILES, ContainerRuntime, find_runtime
+    from scalebox_hpc.runtimes.base import OutputBuffer
 
     for key, value in container_env.items():
         monkeypatch.setenv(key, value)

@@ -1,4 +1,4 @@
--- Initial schema. Status codes follow upstream Scalebox (SPEC section 5):
+-- Initial schema. Status codes follow upstream Scalebox (defined in scalebox_hpc/states.py):
 -- -9 INITIAL, -1 READY, -2 QUEUED (claimed), -3 RUNNING, 0 OK, >0 exit code.
 
 CREATE TABLE sites (
@@ -102,7 +102,7 @@ CREATE TABLE task_exec (
     -- Site, host, address and Slurm job are the worker's (workers row); message
     -- creation and insertion times are the task's (tasks row): not repeated per attempt.
     worker_id       bigint,
-    -- the task perspective, SPEC section 6
+    -- the task perspective: when each stage of this attempt began and ended
     t_ready             timestamptz,
     t_claimed           timestamptz,
     t_received          timestamptz,

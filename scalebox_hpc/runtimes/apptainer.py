@@ -34,14 +34,14 @@ import signal
 import subprocess
 import time
 
-from .errors import ScaleboxError
-from .runtime import HostRuntime, ProgramResult, utcnow
-from .states import Code
+from ..errors import ScaleboxError
+from ..states import Code
+from .base import ProgramResult, utcnow
+from .host import HostRuntime
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("apptainer", "singularity")
-MODES = ("exec", "instance")
 REMOTE_IMAGE = re.compile(r"^(docker|oras|library|shub|https?)://")
 CONTAINER_WORK = "/work"
 CONTAINER_CODE = "/app/bin"
@@ -168,7 +168,6 @@ class ContainerRuntime(HostRuntime):
         self.pull_timeout = pull_timeout
         self.image: str | None = None
         self.instance_up = False
-        # The instance binds WORK_DIR once: the worker must empty it in place, never replace it.
         self.fixed_workdir = mode == "instance"
         self.env_prefix = "SINGULARITYENV_" if binary and os.path.basename(binary) == "singularity" \
             else "APPTAINERENV_"
@@ -321,11 +320,10 @@ class ContainerRuntime(HostRuntime):
         for fh in (agent.stdin, agent.stdout):
             fh.close()
 
-    def run(self, program, body, headers_json, *, env, cwd, timeout, stdout, stderr, on_start=None):
+    def run(self, program, body, headers_json, *, env, cwd, timeout, stdout, stderr):
         def exec_per_task():
             return super(ContainerRuntime, self).run(program, body, headers_json, env=env, cwd=cwd,
-                                                     timeout=timeout, stdout=stdout, stderr=stderr,
-                                                     on_start=on_start)
+                                                     timeout=timeout, stdout=stdout, stderr=stderr)
 
         if self.mode != "instance" or self.agent_broken:
             return exec_per_task()
@@ -353,8 +351,6 @@ class ContainerRuntime(HostRuntime):
             self._stop_agent()
             os.unlink(os.path.join(self.workdir, AGENT_CALL))
             return exec_per_task()
-        if on_start:
-            on_start()
         answer = self._read_line(timeout)
         ended = utcnow()
         self._pid = None
