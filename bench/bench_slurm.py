@@ -32,7 +32,8 @@ from scalebox_hpc import db  # noqa: E402
 from scalebox_hpc.appdef import load_app  # noqa: E402
 from scalebox_hpc.controller import Controller, ControllerSettings  # noqa: E402
 from scalebox_hpc.db.embedded import EmbeddedPostgres  # noqa: E402
-from scalebox_hpc.db.store import Store  # noqa: E402
+from scalebox_hpc.db.apps import Apps  # noqa: E402
+from scalebox_hpc.db.connection import Database  # noqa: E402
 from scalebox_hpc.siteconfig import load_site  # noqa: E402
 from scalebox_hpc.sites.local import LocalSite  # noqa: E402
 from scalebox_hpc.sites.slurm import BatchSite, LocalRunner, SlurmCLI  # noqa: E402
@@ -106,9 +107,9 @@ pool:
     app = load_app(str(app_dir))
     app_json = app.to_json()
     modules = [dict(app_json["modules"][name], site=mod.site or "bench") for name, mod in app.modules.items()]
-    store = Store(dsn)
+    apps = Apps(Database(dsn))
     t_submit = time.time()
-    app_id = store.create_app(app_json, modules, [(n, b) for n, m in app.modules.items() for b in m.start_tasks])
+    app_id = apps.create_app(app_json, modules, [(n, b) for n, m in app.modules.items() for b in m.start_tasks])
 
     all_running = None
     steps = 0

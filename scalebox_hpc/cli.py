@@ -8,17 +8,20 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import asdict
 from datetime import datetime, timezone
 
 import click
 
 from . import __version__, config, db
+from .db.apps import Apps
+from .db.connection import Database
+from .db.pools import Pools
+from .db.reporting import Reporting
 from .states import AppStatus, is_failure, parse_status, status_name
 from .errors import NotFound, ScaleboxError
 
 log = logging.getLogger("scalebox_hpc")
-
-RATE_WINDOW = 60.0   # seconds of recent completions that rates and ETAs are measured over
 
 
 def _json_default(value):
@@ -87,19 +90,11 @@ def _dsn(ctx) -> str:
     return ctx.obj["resolved"].dsn
 
 
-def _store(ctx):
-    from .db.store import Store
-
-    store = Store(_dsn(ctx))
-    db.require_schema(store.conn)
-    return store
-
-
-def _app_row(store, app_id: int):
-    row = store.q("get_app", {"app_id": app_id}).fetchone()
-    if row is None:
-        raise NotFound(f"no app with id {app_id} (see 'scalebox-hpc app list')")
-    return row
+def _database(ctx) -> Database:
+    """The database, checked to have this version's schema."""
+    database = Database(_dsn(ctx))
+    db.require_schema(database.conn)
+    return database
 
 
 # ---------------------------------------------------------------- submit / run
@@ -124,8 +119,7 @@ def _submit(ctx, path: str, env_files: tuple[str, ...], site: str | None) -> tup
             raise ScaleboxError(f"{app.path}: modules.{name}: {problem}")
         modules.append(mod_json)
     start = [(name, body) for name, mod in app.modules.items() for body in mod.start_tasks]
-    store = _store(ctx)
-    app_id = store.create_app(app_json, modules, start)
+    app_id = Apps(_database(ctx)).create_app(app_json, modules, start)
     return app, app_id
 
 
@@ -142,40 +136,7 @@ def _controller_settings(ctx):
         sites_dir=config.sites_dir())
 
 
-def _counts(store, app_id: int) -> dict[str, dict]:
-    """Per module: tasks by state, failures by code, tasks finished per second over the
-    last RATE_WINDOW seconds, and the time that rate needs for the ready and running ones."""
-    per: dict[str, dict] = {}
-    since: dict[str, object] = {}
-    recent: dict[str, int] = {}
-    now = None
-    for module, status, n, done_recently, first_claimed, now in store.q(
-            "module_status", {"app_id": app_id, "window": RATE_WINDOW}):
-        c = per.setdefault(module, {"ready": 0, "running": 0, "ok": 0, "failed": 0, "total": 0, "codes": {}})
-        recent[module] = recent.get(module, 0) + done_recently
-        if first_claimed is not None:
-            since[module] = min(since.get(module, first_claimed), first_claimed)
-        if status is None:
-            continue
-        c["total"] += n
-        if status == 0:
-            c["ok"] += n
-        elif status in (-2, -3):
-            c["running"] += n
-        elif status in (-1, -9):
-            c["ready"] += n
-        else:
-            c["failed"] += n
-            c["codes"][str(status)] = n
-    for module, c in per.items():
-        window = min(RATE_WINDOW, (now - since[module]).total_seconds()) if module in since else 0.0
-        c["rate"] = recent[module] / window if window > 0 else 0.0
-        left = c["ready"] + c["running"]
-        c["eta_seconds"] = 0.0 if not left else left / c["rate"] if c["rate"] else None
-    return per
-
-
-def _follow(ctx, store, app_id: int, *, quiet: bool) -> str:
+def _follow(ctx, database: Database, app_id: int, *, quiet: bool) -> str:
     """Drive the controller (if no other one is active) and show progress until the app ends."""
     from .controller import Controller
     from .progress import ProgressView
@@ -188,11 +149,12 @@ def _follow(ctx, store, app_id: int, *, quiet: bool) -> str:
         while True:
             started = time.monotonic()
             controller.step()
-            row = store.retrying(lambda: _app_row(store, app_id), what="read app status")
+            app = database.retrying(lambda: Apps(database).get_app(app_id), what="read app status")
             if view:
-                view.update(store.retrying(lambda: _counts(store, app_id), what="read progress"))
-            if row[2] in AppStatus.TERMINAL:
-                return row[2]
+                view.update(database.retrying(lambda: Reporting(database).module_counts(app_id),
+                                              what="read progress"))
+            if app.status in AppStatus.TERMINAL:
+                return app.status
             time.sleep(max(0.0, settings.poll_seconds - (time.monotonic() - started)))
     except KeyboardInterrupt:
         click.echo(f"\nstopped following app {app_id}; it goes on if a controller runs "
@@ -203,14 +165,6 @@ def _follow(ctx, store, app_id: int, *, quiet: bool) -> str:
         if view:
             view.close()
         controller.close()
-
-
-def _summary(store, app_id: int) -> dict:
-    row = _app_row(store, app_id)
-    counts = _counts(store, app_id)
-    elapsed = (row[9] - row[7]).total_seconds() if row[9] and row[7] else None
-    return {"id": row[0], "name": row[1], "status": row[2], "site": row[3], "result": row[5],
-            "message": row[6], "elapsed_seconds": elapsed, "modules": counts}
 
 
 def _print_summary(summary: dict) -> None:
@@ -248,16 +202,16 @@ def run(ctx, app_path, env_files, site, wait, as_json, quiet):
     Exit code 0 only if the app FINISHED.
     """
     app, app_id = _submit(ctx, app_path, env_files, site)
-    store = _store(ctx)
+    database = _database(ctx)
     if not wait:
-        if not store.controller_running():
+        if not Pools(database).controller_running():
             _start_background_controller()
         click.echo(json.dumps({"id": app_id}) if as_json else f"submitted app {app_id} ({app.name})")
         return
     if not as_json:
         click.echo(f"app {app_id} ({app.name}) submitted; running on {ctx.obj['resolved'].source}")
-    status = _follow(ctx, store, app_id, quiet=quiet or as_json)
-    summary = _summary(store, app_id)
+    status = _follow(ctx, database, app_id, quiet=quiet or as_json)
+    summary = Reporting(database).app_summary(app_id)
     emit_json(summary) if as_json else _print_summary(summary)
     sys.exit(0 if status == "FINISHED" else 1)
 
@@ -273,16 +227,16 @@ def run(ctx, app_path, env_files, site, wait, as_json, quiet):
 def submit(ctx, app_path, env_files, site, wait, as_json):
     """Put an app into the database; a running controller does the rest."""
     app, app_id = _submit(ctx, app_path, env_files, site)
-    store = _store(ctx)
+    database = _database(ctx)
     if not wait:
         click.echo(json.dumps({"id": app_id}) if as_json else f"submitted app {app_id} ({app.name})")
-        if not as_json and not store.controller_running():
+        if not as_json and not Pools(database).controller_running():
             click.echo("note: no controller is running on this database; start one with "
                        "'scalebox-hpc controller'", err=True)
         return
-    while (status := _app_row(store, app_id)[2]) not in AppStatus.TERMINAL:
+    while (status := Apps(database).get_app(app_id).status) not in AppStatus.TERMINAL:
         time.sleep(1.0)
-    summary = _summary(store, app_id)
+    summary = Reporting(database).app_summary(app_id)
     emit_json(summary) if as_json else _print_summary(summary)
     sys.exit(0 if status == "FINISHED" else 1)
 
@@ -298,7 +252,7 @@ def controller(ctx, once):
     """
     from .controller import Controller
 
-    _store(ctx)
+    _database(ctx).close()
     ctl = Controller(_controller_settings(ctx))
     if not once:
         click.echo(f"controller running on {ctx.obj['resolved'].source} (Ctrl-C to stop)", err=True)
@@ -359,9 +313,7 @@ def app():
 @click.pass_context
 def app_list(ctx, limit, as_json):
     """Recent apps, newest first."""
-    store = _store(ctx)
-    rows = [dict(zip(("id", "name", "status", "site", "result", "created_at", "started_at", "finished_at"), r))
-            for r in store.q("list_apps", {"limit": limit})]
+    rows = [asdict(a) for a in Apps(_database(ctx)).list_apps(limit)]
     if as_json:
         return emit_json(rows)
     from .progress import table
@@ -376,8 +328,7 @@ def app_list(ctx, limit, as_json):
 @click.pass_context
 def app_show(ctx, app_id, as_json):
     """Per-module task counts by state, failures by code, rates, ETA and result of one app."""
-    store = _store(ctx)
-    summary = _summary(store, app_id)
+    summary = Reporting(_database(ctx)).app_summary(app_id)
     if as_json:
         return emit_json(summary)
     from .progress import print_app
@@ -393,10 +344,10 @@ def app_show(ctx, app_id, as_json):
 def app_watch(ctx, app_id, interval, once):
     """Live view of an app: a table with progress bars per module, refreshed until the
     app ends (Ctrl-C stops watching; the app goes on)."""
-    store = _store(ctx)
-    _app_row(store, app_id)
+    database = _database(ctx)
+    Apps(database).get_app(app_id)
     from .progress import watch_app
-    watch_app(lambda: store.retrying(lambda: _summary(store, app_id), what="read app status"),
+    watch_app(lambda: database.retrying(lambda: Reporting(database).app_summary(app_id), what="read app status"),
               interval=max(interval, 0.2), once=once, ended=lambda s: s["status"] in AppStatus.TERMINAL)
 
 
@@ -411,15 +362,16 @@ _POOL_EFFECT = {
 
 
 def _set_status(ctx, app_id: int, status: str, from_states: list[str]) -> None:
-    store = _store(ctx)
-    current = _app_row(store, app_id)[2]
-    if not store.set_app_status(app_id, status, from_states):
+    database = _database(ctx)
+    apps = Apps(database)
+    current = apps.get_app(app_id).status
+    if not apps.set_app_status(app_id, status, from_states):
         raise ScaleboxError(f"app {app_id} is {current}; only an app that is "
                             f"{' or '.join(from_states)} can become {status}")
-    pending, started = store.q("app_worker_counts", {"app_id": app_id}).fetchone()
+    workers = Reporting(database).worker_counts(app_id)
     click.echo(f"app {app_id}: {current} -> {status}: "
-               + _POOL_EFFECT[status].format(pending=pending, started=started))
-    if (status == "RUNNING" or pending) and not store.controller_running():
+               + _POOL_EFFECT[status].format(pending=workers.pending, started=workers.started))
+    if (status == "RUNNING" or workers.pending) and not Pools(database).controller_running():
         click.echo("note: no controller is running on this database; start one with "
                    "'scalebox-hpc controller'", err=True)
 
@@ -454,14 +406,6 @@ def task():
     """Add, list, show and retry tasks."""
 
 
-def _module_id(store, app_id: int, module: str) -> int:
-    mid = store.one("module_by_name", {"app_id": app_id, "name": module})
-    if mid is None:
-        names = [r[1] for r in store.q("app_modules", {"app_id": app_id})]
-        raise NotFound(f"app {app_id} has no module '{module}' (modules: {', '.join(names)})")
-    return mid
-
-
 @task.command("add")
 @click.argument("app_id", type=int)
 @click.argument("module")
@@ -471,8 +415,8 @@ def _module_id(store, app_id: int, module: str) -> int:
 @click.pass_context
 def task_add(ctx, app_id, module, bodies, from_file, headers):
     """Send messages to a module of an app (dedup applies unless -H repeatable=yes)."""
-    store = _store(ctx)
-    _app_row(store, app_id)
+    apps = Apps(_database(ctx))
+    apps.get_app(app_id)
     hdrs = {}
     for item in headers:
         key, sep, value = item.partition("=")
@@ -484,7 +428,7 @@ def task_add(ctx, app_id, module, bodies, from_file, headers):
         items += [line.rstrip("\r\n") for line in from_file if line.strip()]
     if not items:
         raise ScaleboxError("no message bodies given: pass them as arguments or with --file")
-    added = store.add_tasks(app_id, _module_id(store, app_id, module), items, hdrs)
+    added = apps.add_tasks(app_id, apps.module_id(app_id, module), items, hdrs)
     click.echo(f"added {added} task(s) to {module}" + (f" ({len(items) - added} duplicate(s) skipped)"
                                                         if added < len(items) else ""))
 
@@ -500,24 +444,22 @@ def task_add(ctx, app_id, module, bodies, from_file, headers):
 @click.pass_context
 def task_list(ctx, app_id, module, status, host, limit, as_json):
     """Tasks of an app, oldest first."""
-    store = _store(ctx)
-    _app_row(store, app_id)
+    database = _database(ctx)
+    apps = Apps(database)
+    apps.get_app(app_id)
     if module is not None:
-        _module_id(store, app_id, module)
+        apps.module_id(app_id, module)
     try:
         code, failed = parse_status(status) if status is not None else (None, False)
     except ValueError as exc:
         raise ScaleboxError(f"--status: {exc}") from None
-    keys = ("id", "module", "status", "attempts", "body", "headers", "to_host", "host", "inserted_at",
-            "finished_at")
-    rows = [dict(zip(keys, r)) for r in store.q("find_tasks", {
-        "app_id": app_id, "module": module, "status": code, "failed": failed, "host": host, "limit": limit})]
+    rows = Reporting(database).find_tasks(app_id, module=module, status=code, failed=failed, host=host,
+                                          limit=limit)
     if as_json:
-        return emit_json(rows)
+        return emit_json([asdict(r) for r in rows])
     from .progress import table
     table(["id", "module", "status", "attempts", "host", "body"],
-          [[r["id"], r["module"], status_name(r["status"]), r["attempts"], r["host"] or "", r["body"][:60]]
-           for r in rows])
+          [[r.id, r.module, status_name(r.status), r.attempts, r.host or "", r.body[:60]] for r in rows])
 
 
 @task.command("show")
@@ -530,15 +472,9 @@ def task_show(ctx, task_id, as_json, full):
     them, exit code, host, worker, Slurm job, outputs and user text."""
     from .report import STAGES, duration_text
 
-    store = _store(ctx)
-    cur = store.q("get_task", {"task_id": task_id})
-    row = cur.fetchone()
-    if row is None:
-        raise NotFound(f"no task with id {task_id}")
-    data = dict(zip([d.name for d in cur.description], row))
-    cur = store.q("task_execs", {"task_id": task_id})
-    cols = [d.name for d in cur.description]
-    data["executions"] = [dict(zip(cols, r)) for r in cur.fetchall()]
+    task, executions = Reporting(_database(ctx)).task(task_id)
+    data = asdict(task)
+    data["executions"] = [asdict(e) for e in executions]
     for e in data["executions"]:
         e["durations"] = {stage: (e[end] - e[start]).total_seconds()
                           for stage, (_label, start, end, _what) in STAGES.items() if e[start] and e[end]}
@@ -556,7 +492,7 @@ def task_show(ctx, task_id, as_json, full):
                    + (f" on {where}" if where else ""))
         if e["note"]:
             click.echo(f"    note: {e['note']}")
-        stamps = [(c[2:], e[c]) for c in cols if c.startswith("t_") and e[c] is not None]
+        stamps = [(c[2:], v) for c, v in e.items() if c.startswith("t_") and v is not None]
         stamps += [(f"user:{label}", _parse_time(value)) for label, value in e["user_timestamps"] or []]
         prev = None
         for name, ts in stamps:
@@ -601,21 +537,16 @@ def _parse_time(value) -> datetime | None:
 def task_retry(ctx, app_id, task_ids, module, codes):
     """Make failed tasks READY again (all of the app's, or those the options select),
     one more attempt each."""
-    store = _store(ctx)
-    status = _app_row(store, app_id)[2]
-    module_id = _module_id(store, app_id, module) if module else None
+    apps = Apps(_database(ctx))
+    status = apps.get_app(app_id).status
+    module_id = apps.module_id(app_id, module) if module else None
     bad = [c for c in codes if not is_failure(c)]
     if bad:
         raise ScaleboxError(f"--code {bad[0]}: not a failure code (failed tasks end with an exit code above 0 "
                             "or a system code of -100 and below)")
-    with store.conn.transaction():
-        store.q("reopen_app", {"app_id": app_id})
-        rows = store.q("retry_tasks", {"app_id": app_id, "task_ids": list(task_ids) or None,
-                                       "module_id": module_id, "codes": list(codes) or None}).fetchall()
-        for mid in {r[1] for r in rows}:
-            store.q("notify_module", {"module_id": mid, "payload": "ready"})
-    click.echo(f"{len(rows)} task(s) made READY again")
-    if rows and status in ("FAILED", "CANCELLED"):
+    retried = apps.retry_tasks(app_id, task_ids, module_id, codes)
+    click.echo(f"{retried} task(s) made READY again")
+    if retried and status in (AppStatus.FAILED, AppStatus.CANCELLED):
         click.echo(f"note: app {app_id} is {status}: nothing runs its tasks until it is resubmitted", err=True)
 
 
@@ -631,10 +562,10 @@ def report(ctx, app_id, output, as_json):
     One self-contained file (inline SVG, no JavaScript): open it anywhere, no network."""
     from . import report as report_page
 
-    store = _store(ctx)
+    database = _database(ctx)
     path = output or f"report-{app_id}.html"
     started = time.monotonic()
-    data = report_page.write(store, app_id, path)
+    data = report_page.write(database, app_id, path)
     if as_json:
         return click.echo(report_page.figures_json(data, indent=2))
     t = data["totals"]
@@ -654,12 +585,11 @@ def semaphore():
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def semaphore_list(ctx, app_id, as_json):
-    store = _store(ctx)
-    rows = [{"name": n, "value": v, "updated_at": t} for n, v, t in store.q("list_semaphores", {"app_id": app_id})]
+    semaphores = Apps(_database(ctx)).semaphores(app_id)
     if as_json:
-        return emit_json(rows)
-    for r in rows:
-        click.echo(f"{r['name']}\t{r['value']}")
+        return emit_json([asdict(sem) for sem in semaphores])
+    for sem in semaphores:
+        click.echo(f"{sem.name}\t{sem.value}")
 
 
 @semaphore.command("get")
@@ -667,11 +597,7 @@ def semaphore_list(ctx, app_id, as_json):
 @click.argument("name")
 @click.pass_context
 def semaphore_get(ctx, app_id, name):
-    store = _store(ctx)
-    value = store.one("get_semaphore", {"app_id": app_id, "name": name})
-    if value is None:
-        raise NotFound(f"app {app_id} has no semaphore '{name}'")
-    click.echo(value)
+    click.echo(Apps(_database(ctx)).semaphore(app_id, name))
 
 
 @main.group()
@@ -686,9 +612,7 @@ def site_list(ctx, as_json):
     """Configured sites, with the status the controller last reported for each."""
     from .sites import make_sites
 
-    store = _store(ctx)
-    reported = {r[0]: dict(zip(("name", "kind", "status", "reason", "updated_at"), r))
-                for r in store.q("list_sites")}
+    reported = {s.name: asdict(s) for s in Pools(_database(ctx)).list_sites()}
     rows = []
     for name, site in make_sites(_controller_settings(ctx)).items():
         row = reported.pop(name, None) or {"name": name, "kind": site.kind, "status": "UNKNOWN",

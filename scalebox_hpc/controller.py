@@ -10,7 +10,6 @@ moment; a database outage only pauses it.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -19,10 +18,12 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from .db.store import Store
-from .errors import DatabaseUnavailable
-from .sites import LiveWorker, Site, make_sites, site_record
-from .states import Code
+from .db.apps import Apps
+from .db.connection import Database
+from .db.pools import Pools
+from .errors import DatabaseUnavailable, first_line
+from .sites import Site, make_sites, site_record
+from .states import AppStatus, Code, WorkerStatus
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ class ControllerSettings:
 class Controller:
     def __init__(self, settings: ControllerSettings, sites: dict[str, Site] | None = None):
         self.settings = settings
-        self.store = Store(settings.dsn)
+        self.database = Database(settings.dsn)
+        self.pools = Pools(self.database)
+        self.apps = Apps(self.database)
         self.sites = sites if sites is not None else make_sites(settings)
         self.active = False               # holds the controller lock
         self.recover_after = 0.0          # no lease recovery before this (monotonic)
@@ -59,41 +62,40 @@ class Controller:
     def _connect(self) -> None:
         """(Re)connect and try to become the active controller."""
         was_active = self.active
-        self.active = self.store.try_controller_lock()
+        self.active = self.pools.try_controller_lock()
         if self.active and not was_active:
             # Workers could not renew their leases while we (or the database) were away:
             # give them one lease period to do so before declaring anybody lost.
             self.recover_after = time.monotonic() + self.settings.lease_seconds
             log.info("controller active on %s (pid %s)", socket.gethostname(), os.getpid())
             for name, site in self.sites.items():
-                self.store.q("upsert_site", {"name": name, "kind": site.kind,
-                                             "config": json.dumps(site_record(site))})
+                self.pools.upsert_site(name, site.kind, site_record(site))
 
     def step(self) -> dict:
         """One pass; returns what it did (for logs and tests)."""
         report = {"lost": 0, "recovered": 0, "started": 0, "host_gone": 0, "finished": [], "failed": []}
         try:
-            if not self.active or self.store._conn is None or self.store._conn.closed:
+            if not self.active or not self.database.connected:
                 self._connect()
             if not self.active:
                 return report
             self._notice_dead(report)
             if time.monotonic() >= self.recover_after:
-                lost, recovered = self.store.recover_lost()
+                lost, recovered = self.pools.recover_lost()
                 report["lost"] += len(lost)
                 report["recovered"] = recovered
-                self._count_failures([wid for wid, _m, _s in lost])
+                self.pools.count_worker_failures([w.id for w in lost])
                 if recovered:
                     log.info("recovered %d task(s) from %d lost worker(s)", recovered, len(lost))
             self._size_pools(report)
             self._write_site_status()
             self._cancel_unneeded()
-            report["finished"] = self.store.finish_apps()
+            report["finished"] = self.pools.finish_apps()
             for app_id in report["finished"]:
                 log.info("app %s FINISHED", app_id)
         except (psycopg.OperationalError, DatabaseUnavailable) as exc:
-            log.warning("database unavailable (%s); will reconnect", str(exc).strip().splitlines()[0])
-            self.store._reset()
+            log.warning("database unavailable (%s); will reconnect", first_line(exc))
+            self.database.reset()
             self.active = False
         return report
 
@@ -101,13 +103,12 @@ class Controller:
         """Ask each site which of its workers are gone; note what each site holds."""
         self.site_load = {}
         for name, site in self.sites.items():
-            live = [LiveWorker(*r) for r in self.store.q("live_workers", {"site": name})]
+            live = self.pools.live_workers(name)
             gone = set(site.dead(live))
             if gone:
-                with self.store.conn.transaction():
-                    self.store.q("mark_workers_lost", {"worker_ids": sorted(gone),
-                                                       "message": f"worker {site.kind} job or process is gone"})
-                self._count_failures(sorted(gone))
+                self.pools.mark_workers_lost(sorted(gone), f"worker {site.kind} job or process is gone")
+                # A worker that vanished without saying goodbye counts as a failed one.
+                self.pools.count_worker_failures(sorted(gone))
                 report["lost"] += len(gone)
                 log.info("site %s: worker(s) %s gone", name, sorted(gone))
             still = [w for w in live if w.id not in gone]
@@ -117,27 +118,17 @@ class Controller:
         """Record each site's OK/DEGRADED state where 'site list' reads it, when it changed."""
         for name, site in self.sites.items():
             if (site.status, site.reason) != self.site_status.get(name):
-                self.store.q("set_site_status", {"name": name, "status": site.status, "reason": site.reason})
+                self.pools.set_site_status(name, site.status, site.reason)
                 self.site_status[name] = (site.status, site.reason)
 
     def _cancel_unneeded(self) -> None:
         """Queued worker jobs of apps that ended (or paused) are cancelled, not left to start."""
-        rows = self.store.q("stale_pending_workers").fetchall()
-        by_site: dict[str, list[LiveWorker]] = {}
-        for wid, site_name, job in rows:
-            by_site.setdefault(site_name, []).append(LiveWorker(wid, 0, "PENDING", None, None, job))
-        for site_name, workers in by_site.items():
+        for site_name, workers in self.pools.stale_pending_workers().items():
             site = self.sites.get(site_name)
             if site is not None:
                 site.cancel(workers)
-            self.store.q("stop_workers", {"worker_ids": [w.id for w in workers], "status": "EXITED",
-                                          "message": "app no longer running: job cancelled before it started"})
-
-    def _count_failures(self, worker_ids: list[int]) -> None:
-        # A worker that vanished without saying goodbye counts as a failed one; a
-        # module whose workers keep failing fails its app instead of looping forever.
-        for wid in worker_ids:
-            self.store.q("count_worker_failure", {"worker_id": wid})
+            self.pools.stop_workers([w.id for w in workers], WorkerStatus.EXITED,
+                                    "app no longer running: job cancelled before it started")
 
     def _size_pools(self, report: dict) -> None:
         held_back = self._size_module_pools(report)
@@ -147,37 +138,36 @@ class Controller:
         """Workers anywhere on each module's site, for the tasks any worker may take.
         Returns the modules that get no new worker now (failing, or backing off)."""
         held_back: set[int] = set()
-        rows = self.store.q("module_demand", {"ready_cap": 1000}).fetchall()
-        for (module_id, app_id, name, site_name, slots, min_workers, failures, ready, live,
-             last_failure) in rows:
-            if failures >= MAX_WORKER_FAILURES:
-                held_back.add(module_id)
-                last = self.store.one("last_worker_failure", {"module_id": module_id}) or "unknown reason"
-                msg = f"module {name}: {failures} workers failed in a row; last: {last}"
-                if self.store.set_app_status(app_id, "FAILED", ["RUNNING"], msg):
-                    log.error("app %s FAILED: %s", app_id, msg)
-                    report["failed"].append(app_id)
+        for m in self.pools.module_demand(ready_cap=1000):
+            if m.worker_failures >= MAX_WORKER_FAILURES:
+                # A module whose workers keep failing fails its app instead of looping forever.
+                held_back.add(m.id)
+                last = self.pools.last_worker_failure(m.id) or "unknown reason"
+                msg = f"module {m.name}: {m.worker_failures} workers failed in a row; last: {last}"
+                if self.apps.set_app_status(m.app_id, AppStatus.FAILED, [AppStatus.RUNNING], msg):
+                    log.error("app %s FAILED: %s", m.app_id, msg)
+                    report["failed"].append(m.app_id)
                 continue
             # The last start failed a moment ago: do not hammer the site.
-            backing_off = failures and last_failure is not None and \
-                time.time() - last_failure.timestamp() < FAILURE_BACKOFF_SECONDS
+            backing_off = m.worker_failures and m.last_failure is not None and \
+                time.time() - m.last_failure.timestamp() < FAILURE_BACKOFF_SECONDS
             if backing_off:
-                held_back.add(module_id)
-            wanted = min(slots, ready) if ready else 0
-            wanted = max(wanted, min(min_workers, slots))
-            if live >= wanted or backing_off:
+                held_back.add(m.id)
+            wanted = min(m.slots, m.ready) if m.ready else 0
+            wanted = max(wanted, min(m.min_workers, m.slots))
+            if m.live >= wanted or backing_off:
                 continue
-            site = self.sites.get(site_name)
+            site = self.sites.get(m.site)
             if site is None:
-                msg = f"module {name}: unknown site '{site_name}' (known: {', '.join(sorted(self.sites))})"
-                if self.store.set_app_status(app_id, "FAILED", ["RUNNING"], msg):
-                    report["failed"].append(app_id)
+                msg = f"module {m.name}: unknown site '{m.site}' (known: {', '.join(sorted(self.sites))})"
+                if self.apps.set_app_status(m.app_id, AppStatus.FAILED, [AppStatus.RUNNING], msg):
+                    report["failed"].append(m.app_id)
                 continue
-            site_live, site_pending = self.site_load.get(site_name, (0, 0))
-            n = site.admit(wanted - live, site_live, site_pending)
+            site_live, site_pending = self.site_load.get(m.site, (0, 0))
+            n = site.admit(wanted - m.live, site_live, site_pending)
             if n > 0:
-                module = {"id": module_id, "name": name, "app_id": app_id}
-                report["started"] += self._start_workers(site_name, module, n)
+                module = {"id": m.id, "name": m.name, "app_id": m.app_id}
+                report["started"] += self._start_workers(m.site, module, n)
         return held_back
 
     def _size_host_pools(self, report: dict, held_back: set[int]) -> None:
@@ -186,33 +176,33 @@ class Controller:
         or queued) gets one more, within the module's slots and the site's limits: round
         by round, so that one busy host does not take all the slots. A host the site says
         is gone gets the module's host_fallback instead."""
-        rows = self.store.q("host_demand").fetchall()
+        rows = self.pools.host_demand()
         if not rows:
             return
         hosts_by_site: dict[str, set[str]] = {}
-        for row in rows:
-            hosts_by_site.setdefault(row[3], set()).add(row[6])
+        for d in rows:
+            hosts_by_site.setdefault(d.site, set()).add(d.to_host)
         gone = {name: self.sites[name].gone_hosts(hosts)
                 for name, hosts in hosts_by_site.items() if name in self.sites}
         module_live: dict[int, int] = {}
-        for module_id, app_id, name, site_name, slots, fallback, host, ready, there, started, live in rows:
-            if module_id in held_back or site_name not in self.sites:
+        for d in rows:
+            if d.id in held_back or d.site not in self.sites:
                 continue
-            site = self.sites[site_name]
-            module = {"id": module_id, "name": name, "app_id": app_id}
-            reason = gone[site_name].get(host)
+            site = self.sites[d.site]
+            module = {"id": d.id, "name": d.name, "app_id": d.app_id}
+            reason = gone[d.site].get(d.to_host)
             # A worker still running there (a drained node keeps its jobs) serves them on.
-            if reason is not None and not started:
-                self._host_gone(site, module, host, fallback, reason, report)
+            if reason is not None and not d.started:
+                self._host_gone(site, module, d.to_host, d.host_fallback, reason, report)
                 continue
-            live = module_live.setdefault(module_id, live)
-            if there >= ready or reason is not None or live >= slots:
+            live = module_live.setdefault(d.id, d.live)
+            if d.there >= d.ready or reason is not None or live >= d.slots:
                 continue
-            site_live, site_pending = self.site_load.get(site_name, (0, 0))
+            site_live, site_pending = self.site_load.get(d.site, (0, 0))
             if site.admit(1, site_live, site_pending) < 1:
                 continue
-            n = self._start_workers(site_name, module, 1, host=host)
-            module_live[module_id] += n
+            n = self._start_workers(d.site, module, 1, host=d.to_host)
+            module_live[d.id] += n
             report["started"] += n
 
     def _host_gone(self, site: Site, module: dict, host: str, fallback: str, reason: str,
@@ -220,47 +210,39 @@ class Controller:
         """The module's ready tasks wait for a host that is gone: end them (host_fallback
         fail) or let them run anywhere (anywhere); its queued workers there go too."""
         if fallback == "anywhere":
-            n = self.store.unpin_host_tasks(module["id"], host)
+            n = self.pools.unpin_host_tasks(module["id"], host)
             log.warning("module %s: %s; %d task(s) for %s may now run on any host (host_fallback: anywhere)",
                         module["name"], reason, n, host)
         else:
             note = (f"to_host {host} is gone: {reason}; module {module['name']} has host_fallback: fail "
                     "(set host_fallback: anywhere to run such tasks on another host)")
-            n = self.store.fail_host_tasks(module["id"], host, Code.HOST_GONE, note)
+            n = self.pools.fail_host_tasks(module["id"], host, Code.HOST_GONE, note)
             log.error("module %s: %s; %d task(s) for %s failed (%s)", module["name"], reason, n, host,
                       Code.HOST_GONE)
         report["host_gone"] += n
-        pending = [LiveWorker(wid, module["id"], "PENDING", None, None, job)
-                   for wid, job in self.store.q("pending_host_workers", {"module_id": module["id"], "host": host})]
+        pending = self.pools.pending_host_workers(module["id"], host)
         if pending:
             site.cancel(pending)
-            self.store.q("stop_workers", {"worker_ids": [w.id for w in pending], "status": "EXITED",
-                                          "message": f"cancelled before it started: {reason}"})
+            self.pools.stop_workers([w.id for w in pending], WorkerStatus.EXITED,
+                                    f"cancelled before it started: {reason}")
 
     def _start_workers(self, site_name: str, module: dict, n: int, host: str | None = None) -> int:
         """Create n worker rows and have the site start them (on ``host``, when given);
         returns how many it did."""
         site = self.sites[site_name]
-        ids = [self.store.create_worker(module["id"], site_name, site.start_timeout, want_host=host)
+        ids = [self.pools.create_worker(module["id"], site_name, site.start_timeout, want_host=host)
                for _ in range(n)]
         try:
             jobs = site.launch(ids, module, host=host)
         except OSError as exc:
             msg = f"cannot start worker: {exc}"
-            with self.store.conn.transaction():
-                self.store.q("mark_workers_lost", {"worker_ids": ids, "message": msg})
-            self._count_failures(ids)
+            self.pools.mark_workers_lost(ids, msg)
+            self.pools.count_worker_failures(ids)
             log.error("module %s: %s", module["name"], msg)
             return 0
-        with self.store.conn.transaction():
-            for wid, job in jobs.items():
-                if job is not None:
-                    self.store.q("set_worker_job", {"worker_id": wid, "slurm_job_id": job})
-            unsent = [wid for wid in ids if wid not in jobs]
-            if unsent:   # refused, or over the site's sbatch budget: these rows never had a chance
-                self.store.q("stop_workers", {"worker_ids": unsent, "status": "EXITED",
-                                              "message": f"not submitted to site {site_name} "
-                                                         f"({site.refusal})"})
+        # Those not sent (refused, or over the site's sbatch budget) never had a chance.
+        self.pools.record_launch(jobs, [wid for wid in ids if wid not in jobs],
+                                 f"not submitted to site {site_name} ({site.refusal})")
         site_live, site_pending = self.site_load.get(site_name, (0, 0))
         self.site_load[site_name] = (site_live + len(jobs), site_pending + len(jobs))
         return len(jobs)
@@ -277,4 +259,4 @@ class Controller:
     def close(self) -> None:
         for site in self.sites.values():
             site.close()
-        self.store.close()
+        self.database.close()

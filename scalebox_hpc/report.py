@@ -1,29 +1,30 @@
 """The task perspective of one app as a self-contained HTML page ('scalebox-hpc report').
 
-Every figure is aggregated in PostgreSQL (the report_* queries) from one narrow copy of
-the app's attempts; Python only lays out what comes back, as inline SVG: no JavaScript,
-no network, nothing to install to view the page, and its size does not grow with the
-number of tasks. A Gantt chart of a million attempts cannot draw them all: each worker's
-row is shaded by the share of every time bin it was busy (all attempts count), and bars
-are drawn for each worker's longest successful and longest failed attempts only; every
-failed attempt still shows as a tick in its bin.
+Every figure is aggregated in PostgreSQL (the report_* queries of db/reporting.sql, read
+through db.reporting.Reporting.report) from one narrow copy of the app's attempts;
+Python only lays out what comes back, as inline SVG: no JavaScript, no network, nothing
+to install to view the page, and its size does not grow with the number of tasks. A
+Gantt chart of a million attempts cannot draw them all: each worker's row is shaded by
+the share of every time bin it was busy (all attempts count), and bars are drawn for
+each worker's longest successful and longest failed attempts only; every failed attempt
+still shows as a tick in its bin.
 """
 from __future__ import annotations
 
 import html
 import json
 import math
+from dataclasses import asdict
 from datetime import datetime, timezone
 
-from psycopg import sql
-
 from . import __version__
+from .db.connection import Database
+from .db.reporting import ReportSnapshot, Reporting
+from .db.rows import StageBucket, TimeBin
 from .states import Code, meaning, status_name
-from .db import QUERIES
-from .errors import NotFound
 
 # The stages of an attempt: (label, start column, end column of task_exec, what it is).
-# report_exec_table (queries.sql) computes the same durations in SQL, under these names.
+# report_exec_table (db/reporting.sql) computes the same durations in SQL, under these names.
 STAGES = {
     "queue_wait": ("queue wait", "t_ready", "t_claimed", "ready → claimed by a worker"),
     "batch_wait": ("held in batch", "t_claimed", "t_received", "claimed → received: waiting in the worker's batch"),
@@ -44,57 +45,45 @@ LOG_LOW, LOG_HIGH, FINE, COARSE = -6, 7, 200, 4
 
 
 # ---------------------------------------------------------------- the figures
-def collect(store, app_id: int, *, bins: int = 200, gantt_rows: int = 100, gantt_bars: int = 3000,
-            slowest: int = 20) -> dict:
+def collect(database: Database, app_id: int, *, bins: int = 200, gantt_rows: int = 100,
+            gantt_bars: int = 3000, slowest: int = 20) -> dict:
     """Every figure of the report, as plain JSON-able data."""
-    with store.conn.transaction():
-        store.q("report_snapshot")
-        store.q("report_session")
-        cur = store.q("get_app", {"app_id": app_id})
-        row = cur.fetchone()
-        if row is None:
-            raise NotFound(f"no app with id {app_id} (see 'scalebox-hpc app list')")
-        app = {d.name: v for d, v in zip(cur.description, row) if d.name != "definition"}
+    with Reporting(database).report(app_id) as snap:
+        app = asdict(snap.app)
         if app["started_at"]:
             app["elapsed_seconds"] = ((app["finished_at"] or datetime.now(timezone.utc))
                                       - app["started_at"]).total_seconds()
         modules = {}
-        for i, (mid, name, site, *_rest) in enumerate(store.q("app_modules", {"app_id": app_id})):
-            modules[mid] = {"id": mid, "name": name, "site": site, "colour": MODULE_COLOURS[i % len(MODULE_COLOURS)],
-                            "tasks": {}, "total": 0, "attempts": 0, "retries": 0, "failed_attempts": 0,
-                            "lost": 0, "run_seconds": 0.0, "busy_seconds": 0.0}
+        for i, m in enumerate(snap.modules()):
+            modules[m.id] = {"id": m.id, "name": m.name, "site": m.site,
+                             "colour": MODULE_COLOURS[i % len(MODULE_COLOURS)],
+                             "tasks": {}, "total": 0, "attempts": 0, "retries": 0, "failed_attempts": 0,
+                             "lost": 0, "run_seconds": 0.0, "busy_seconds": 0.0}
         by_name = {m["name"]: m for m in modules.values()}
-        for name, status, n, *_rest in store.q("module_status", {"app_id": app_id, "window": 60}):
-            if status is not None:
-                by_name[name]["tasks"][status_name(status)] = n
-                by_name[name]["total"] += n
-        store.q("report_exec_table", {"app_id": app_id})
-        store.q("report_analyze")
-        for mid, attempts, retries, failed, lost, run, busy in store.q("report_module_attempts"):
-            modules[mid].update(attempts=attempts, retries=retries, failed_attempts=failed, lost=lost,
-                                run_seconds=run, busy_seconds=busy)
-        t0, t1 = store.q("report_span").fetchone()
+        for row in snap.module_status(60):
+            if row.status is not None:
+                by_name[row.module]["tasks"][status_name(row.status)] = row.n
+                by_name[row.module]["total"] += row.n
+        for a in snap.module_attempts():
+            modules[a.module_id].update(attempts=a.attempts, retries=a.retries, failed_attempts=a.failed_attempts,
+                                        lost=a.lost, run_seconds=a.run_seconds, busy_seconds=a.busy_seconds)
+        span = snap.span()
+        t0, t1 = span.t0, span.t1
         # Few attempts in many bins would draw noise: about five attempts a bin at least.
         bins = max(20, min(bins, sum(m["attempts"] for m in modules.values()) // 5))
         width = max((t1 - t0) / bins, 1e-3) if t0 is not None else 1.0
-        series = _time_series(store, t0, width, bins) if t0 is not None else ({}, {})
-        workers = _gantt_workers(store, series[1], gantt_rows)
+        series = _time_series(snap.time_bins(t0, width, bins), bins, width) if t0 is not None else ({}, {})
+        workers = _gantt_workers(snap, series[1], gantt_rows)
         per_worker = max(2, gantt_bars // (2 * max(len(workers), 1)))
-        bars = [dict(zip(("task_id", "attempt", "worker_id", "code", "start", "end", "run"), r))
-                for r in store.q("report_gantt_bars", {"worker_ids": [w["id"] for w in workers],
-                                                       "per_worker": per_worker})]
+        bars = [asdict(b) for b in snap.gantt_bars([w["id"] for w in workers], per_worker)]
         stages, histograms = _stage_figures(
-            [(mid, stage, *rest) for stage in STAGES
-             for mid, *rest in store.conn.execute(sql.SQL(QUERIES["report_stage_buckets"]).format(
-                 stage=sql.Identifier(stage)))], modules)
-        codes = [{"module": modules[mid]["name"], "code": code, "attempts": n, "final": final,
-                  "meaning": meaning(code)}
-                 for mid, code, n, final in store.q("report_exit_codes")]
-        slow = [dict(zip(("task_id", "attempt", "module", "code", "host", "worker_id", "run", "queue_wait",
-                          "busy", "body"), r)) for r in store.q("report_slowest", {"limit": slowest})]
+            [(stage, bucket) for stage in STAGES for bucket in snap.stage_buckets(stage)], modules)
+        codes = [{"module": modules[c.module_id]["name"], "code": c.code, "attempts": c.attempts, "final": c.final,
+                  "meaning": meaning(c.code)} for c in snap.exit_codes()]
+        slow = [{"task_id": a.task_id, "attempt": a.attempt, "module": modules[a.module_id]["name"], "code": a.code,
+                 "host": a.host, "worker_id": a.worker_id, "run": a.run, "queue_wait": a.queue_wait,
+                 "busy": a.busy, "body": a.body} for a in snap.slowest(slowest)]
 
-    for s in slow:
-        s["module"] = modules[s["module"]]["name"]
     for mid, m in modules.items():
         m["series"] = series[0].get(mid)
         ok = m["tasks"].get("OK", 0)
@@ -113,38 +102,39 @@ def collect(store, app_id: int, *, bins: int = 200, gantt_rows: int = 100, gantt
             "stages": stages, "histograms": histograms, "codes": codes, "slowest": slow}
 
 
-def _stage_figures(rows, modules: dict) -> tuple[list[dict], dict]:
+def _stage_figures(rows: list[tuple[str, StageBucket]], modules: dict) -> tuple[list[dict], dict]:
     """Per module and stage: count, total, mean, min, max and percentiles; and per stage
     and module, attempts per quarter decade of duration (for the histograms)."""
-    groups: dict[tuple[int, str], list[tuple]] = {}
-    for mid, stage, bucket, n, total, low, high in rows:
-        groups.setdefault((mid, stage), []).append((bucket, n, total, low, high))
+    groups: dict[tuple[int, str], list[StageBucket]] = {}
+    for stage, b in rows:
+        groups.setdefault((b.module_id, stage), []).append(b)
     stages, histograms = [], {}
     for (mid, stage), buckets in sorted(groups.items()):
-        buckets.sort()
-        n, total = sum(b[1] for b in buckets), sum(b[2] for b in buckets)
+        buckets.sort(key=lambda b: b.bucket)
+        n, total = sum(b.n for b in buckets), sum(b.total for b in buckets)
         figures = {"module": modules[mid]["name"], "stage": stage, "n": n, "total": total, "mean": total / n,
-                   "min": buckets[0][3], "max": buckets[-1][4]}
+                   "min": buckets[0].low, "max": buckets[-1].high}
         figures.update({f"p{q}": _percentile(buckets, n, q / 100) for q in (50, 90, 99)})
         stages.append(figures)
         counts = histograms.setdefault(stage, {}).setdefault(figures["module"], {})
-        for bucket, count, *_rest in buckets:
-            coarse = 0 if bucket == 0 else min((bucket - 1) // (FINE // COARSE) + 1, (LOG_HIGH - LOG_LOW) * COARSE + 1)
-            counts[coarse] = counts.get(coarse, 0) + count
+        for b in buckets:
+            coarse = 0 if b.bucket == 0 else min((b.bucket - 1) // (FINE // COARSE) + 1,
+                                                 (LOG_HIGH - LOG_LOW) * COARSE + 1)
+            counts[coarse] = counts.get(coarse, 0) + b.n
     return stages, histograms
 
 
-def _percentile(buckets: list[tuple], n: int, q: float) -> float:
+def _percentile(buckets: list[StageBucket], n: int, q: float) -> float:
     """As percentile_cont(q): linear between the values of ranks floor and ceil of
     q * (n - 1), each placed within its bucket between the bucket's exact min and max
     (exact where a bucket holds one or two values; else off by less than a bucket)."""
     def value(rank: int) -> float:
         before = 0
-        for _bucket, count, _total, low, high in buckets:
-            if rank < before + count:
-                return low if count == 1 else low + (high - low) * (rank - before) / (count - 1)
-            before += count
-        return buckets[-1][4]
+        for b in buckets:
+            if rank < before + b.n:
+                return b.low if b.n == 1 else b.low + (b.high - b.low) * (rank - before) / (b.n - 1)
+            before += b.n
+        return buckets[-1].high
 
     rank = q * (n - 1)
     below = math.floor(rank)
@@ -152,31 +142,34 @@ def _percentile(buckets: list[tuple], n: int, q: float) -> float:
     return low + (value(below + 1) - low) * (rank - below) if rank > below else low
 
 
-def _mean_running(cells: dict[int, tuple], bins: int, width: float) -> list[float]:
+def _mean_running(cells: dict[int, TimeBin], bins: int, width: float) -> list[float]:
     """Mean number of attempts running in each bin, from per-bin starts and ends and the
     time left in the bin after each (report_time_bins)."""
     running, out = 0, []
     for b in range(bins):
-        starts, ends, _ok, start_rest, end_rest = cells.get(b, (0, 0, 0, 0.0, 0.0))
-        out.append(max(0.0, running + (start_rest - end_rest) / width))
-        running += starts - ends
+        cell = cells.get(b)
+        if cell is None:
+            out.append(max(0.0, running))
+            continue
+        out.append(max(0.0, running + (cell.start_rest - cell.end_rest) / width))
+        running += cell.starts - cell.ends
     return out
 
 
-def _time_series(store, t0: float, width: float, bins: int) -> tuple[dict, dict]:
+def _time_series(rows: list[TimeBin], bins: int, width: float) -> tuple[dict, dict]:
     """Per module: ok and failed attempts ending per second and mean running, per bin;
     per worker: busy share and failed attempts ending, per bin."""
-    per_module: dict[int, dict[int, tuple]] = {}
-    per_worker: dict[int, dict[int, tuple]] = {}
-    for per_mod, mid, wid, b, *cell in store.q("report_time_bins", {"t0": t0, "width": width, "bins": bins}):
-        if per_mod:
-            per_module.setdefault(mid, {})[b] = cell
-        elif wid is not None:
-            per_worker.setdefault(wid, {})[b] = cell
+    per_module: dict[int, dict[int, TimeBin]] = {}
+    per_worker: dict[int, dict[int, TimeBin]] = {}
+    for cell in rows:
+        if cell.per_module:
+            per_module.setdefault(cell.module_id, {})[cell.bin] = cell
+        elif cell.worker_id is not None:
+            per_worker.setdefault(cell.worker_id, {})[cell.bin] = cell
 
-    def ended_ok(cells: dict) -> tuple[list[int], list[int]]:
-        return [cells[b][1] if b in cells else 0 for b in range(bins)], \
-               [cells[b][2] if b in cells else 0 for b in range(bins)]
+    def ended_ok(cells: dict[int, TimeBin]) -> tuple[list[int], list[int]]:
+        return [cells[b].ends if b in cells else 0 for b in range(bins)], \
+               [cells[b].ok if b in cells else 0 for b in range(bins)]
 
     modules, workers = {}, {}
     for mid, cells in per_module.items():
@@ -199,10 +192,9 @@ def _active_seconds(series: dict | None, width: float) -> float:
     return (busy[-1] - busy[0] + 1) * width if busy else 0.0
 
 
-def _gantt_workers(store, series: dict, limit: int) -> list[dict]:
+def _gantt_workers(snap: ReportSnapshot, series: dict, limit: int) -> list[dict]:
     """The workers the Gantt shows: the busiest `limit`, in module and id order."""
-    rows = [dict(zip(("id", "module_id", "host", "site", "slurm_job_id", "status", "attempts", "busy_seconds"), r))
-            for r in store.q("report_workers")]
+    rows = [asdict(w) for w in snap.workers()]
     shown = sorted(rows, key=lambda w: -w["busy_seconds"])[:limit]
     shown.sort(key=lambda w: (w["module_id"], w["id"]))
     for w in shown:
@@ -580,9 +572,9 @@ def _slowest_table(data: dict) -> str:
                   rows, {0, 1, 3, 6, 7, 8})
 
 
-def write(store, app_id: int, path: str, **options) -> dict:
+def write(database: Database, app_id: int, path: str, **options) -> dict:
     """Collect the figures and write the page; returns the figures."""
-    data = collect(store, app_id, **options)
+    data = collect(database, app_id, **options)
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(render(data))
     return data

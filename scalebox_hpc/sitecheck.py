@@ -19,10 +19,10 @@ import time
 from dataclasses import asdict, dataclass
 
 import psycopg
-from psycopg import sql
 
 from . import __version__
-from .db import QUERIES
+from .db.connection import listen_on
+from .db.pools import report_probe
 
 PROBE_PREFIX = "sbx_probe_"
 
@@ -52,7 +52,7 @@ def probe(dsn: str, channel: str, scratch: str) -> int:
         report["scratch_ok"] = False
     try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=20) as conn:
-            conn.execute(QUERIES["probe_report"], {"channel": channel, "payload": json.dumps(report)})
+            report_probe(conn, channel, json.dumps(report))
     except psycopg.Error as exc:
         print(f"scalebox-hpc site probe: cannot reach the database from {report['host']}: "
               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}", file=sys.stderr)
@@ -134,7 +134,7 @@ def _probe_job(site, dsn, channel, script, timeout, progress) -> list[Check]:
     except psycopg.Error as exc:
         return [Check("probe job", False, f"cannot listen for the probe: {exc}")]
     with listener:
-        listener.execute(sql.SQL(QUERIES["probe_listen"]).format(channel=sql.Identifier(channel)))
+        listen_on(listener, channel)
         try:
             job = site.scheduler.submit(script)
         except SchedulerError as exc:

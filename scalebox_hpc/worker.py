@@ -1,6 +1,6 @@
 """The worker: claims tasks of one module in batches and runs its program per task.
 
-The loop knows no SQL (see db/store.py). Its life:
+The loop knows no SQL (see db/queue.py). Its life:
 register -> setup hook -> [check hook -> claim batch -> run each task -> commit results]*
 -> idle timeout, drain signal or app end -> return unstarted tasks -> teardown -> exit.
 A heartbeat thread renews the worker's lease; if the controller declared the worker
@@ -19,7 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .db.store import ClaimedTask, Message, Store, TaskResult
+from .db.connection import Database
+from .db.queue import Queue
+from .db.rows import ClaimedTask, Message, TaskResult
 from .errors import DatabaseUnavailable, TaskFileError
 from . import taskfiles
 from .appdef import ModuleDef
@@ -124,7 +126,8 @@ class Worker:
     def __init__(self, dsn: str, worker_id: int, settings: WorkerSettings):
         self.worker_id = worker_id
         self.settings = settings
-        self.store = Store(dsn, async_commit=True)
+        self.database = Database(dsn, async_commit=True)
+        self.queue = Queue(self.database)
         self.host, self.ip = _host_ip()
         self.slurm_job_id = slurm_job_id(os.environ)
         self.draining = threading.Event()   # finish the current task, return the rest
@@ -144,17 +147,14 @@ class Worker:
 
     # -- setup ---------------------------------------------------------------------
     def _load_module(self, module_id: int) -> None:
-        row = self.store.q("get_module", {"module_id": module_id}).fetchone()
-        (self.module_id, self.app_id, self.module_name, self.site, mdef, self.host_bound, _slots,
-         appdef) = row
-        self.module: ModuleDef = ModuleDef.from_json(mdef)
+        ctx = self.queue.module_context(module_id)
+        self.module_id, self.app_id, self.module_name, self.site = ctx.module_id, ctx.app_id, ctx.name, ctx.site
+        self.host_bound = ctx.host_bound
+        self.module: ModuleDef = ctx.module
         module = self.module
-        self.modules, self.module_sites = {}, {}
-        for mid, name, site, *_ in self.store.q("app_modules", {"app_id": self.app_id}):
-            self.modules[name] = mid
-            self.module_sites[mid] = site
+        self.modules, self.module_sites = ctx.modules, ctx.module_sites
         self.site_records: dict[str, dict] | None = None    # sites table, read at the first forward
-        self.main_router = appdef.get("main_router")
+        self.main_router = ctx.main_router
         limit = module.stdout_limit or self.settings.stdout_limit
         self.out = OutputBuffer("stdout", limit)
         self.err = OutputBuffer("stderr", limit)
@@ -215,21 +215,20 @@ class Worker:
         once when the worker is asked to stop; finishing calls (commit, hand back, sign
         off) keep trying unless the worker was declared lost."""
         stop = self.stopped.is_set if finishing else (lambda: self.stopped.is_set() or self.draining.is_set())
-        return self.store.retrying(fn, what=what, give_up_after=self.patience, stop=stop)
+        return self.database.retrying(fn, what=what, give_up_after=self.patience, stop=stop)
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
         try:
-            module_id = self._db(lambda: self.store.start_worker(
+            module_id = self._db(lambda: self.queue.start_worker(
                 self.worker_id, host=self.host, ip=self.ip, pid=os.getpid(), slurm_job_id=self.slurm_job_id,
                 lease_seconds=self.settings.lease_seconds), "register worker")
             if module_id is None:
                 log.error("worker %s is not pending (already started or declared lost); exiting", self.worker_id)
                 return 1
             self._load_module(module_id)
-            self.store.listen = (f"sbx_m{self.module_id}",)
-            self._db(lambda: self.store.conn, "listen")
+            self._db(lambda: self.database.listen(f"sbx_m{self.module_id}"), "listen")
         except DatabaseUnavailable as exc:
             log.error("worker %s: %s", self.worker_id, exc)
             return 3
@@ -267,11 +266,11 @@ class Worker:
             if status == WorkerStatus.EXITED:
                 self._flush()
                 # Whatever is still held was never started (or was stopped by a cancel): free of cost.
-                self._db(lambda: self.store.return_tasks(self.worker_id, None), "return tasks", finishing=True)
+                self._db(lambda: self.queue.return_tasks(self.worker_id, None), "return tasks", finishing=True)
             teardown = self._hook("teardown")
             if teardown is not None and teardown.code != 0:
                 log.warning("teardown hook exited with %s", teardown.code)
-            self._db(lambda: self.store.stop_worker(self.worker_id, status, self.stop_reason or None,
+            self._db(lambda: self.queue.stop_worker(self.worker_id, status, self.stop_reason or None,
                                                     count_failure=count_failure), "stop worker", finishing=True)
         except DatabaseUnavailable as exc:
             log.error("worker %s: %s", self.worker_id, exc)
@@ -321,7 +320,7 @@ class Worker:
                 self.stop_reason = "walltime: no time left for another task"
                 return
             try:
-                batch = self._db(lambda: self.store.claim(
+                batch = self._db(lambda: self.queue.claim(
                     worker_id=self.worker_id, module_id=self.module_id, app_id=self.app_id, host=self.host,
                     host_bound=self.host_bound, limit=limit), "claim tasks")
             except DatabaseUnavailable:
@@ -346,10 +345,10 @@ class Worker:
 
     def _wait(self, timeout: float) -> list[str]:
         try:
-            return self.store.wait_notify(timeout)
+            return self.database.wait_notify(timeout)
         except Exception as exc:  # noqa: BLE001 - a broken connection is retried by the next claim
             log.warning("waiting for notifications failed: %s", exc)
-            self.store._reset()
+            self.database.reset()
             time.sleep(min(timeout, 1.0))
             return []
 
@@ -377,7 +376,7 @@ class Worker:
                 if not self.stopped.is_set():
                     rest = [t.id for t in batch[i:]]
                     self._flush()
-                    n = self._db(lambda: self.store.return_tasks(self.worker_id, rest), "return tasks",
+                    n = self._db(lambda: self.queue.return_tasks(self.worker_id, rest), "return tasks",
                                  finishing=True)
                     log.info("returned %d unstarted task(s)", n)
                 return
@@ -399,7 +398,7 @@ class Worker:
         if not self.pending:
             return
         results, self.pending = self.pending, []
-        self._db(lambda: self.store.complete(worker_id=self.worker_id, app_id=self.app_id, results=results,
+        self._db(lambda: self.queue.complete(worker_id=self.worker_id, app_id=self.app_id, results=results,
                                              retry_rules=self.module.retry_rules), "commit task results",
                  finishing=True)
 
@@ -558,9 +557,7 @@ class Worker:
 
     def _site_record(self, site: str) -> dict:
         if self.site_records is None or site not in self.site_records:
-            rows = self._db(lambda: self.store.q("site_configs", {}).fetchall(), "read site configs",
-                            finishing=True)
-            self.site_records = {name: config or {} for name, config in rows}
+            self.site_records = self._db(self.queue.site_configs, "read site configs", finishing=True)
         return self.site_records.get(site, {})
 
     def _system_failure(self, result: TaskResult, code: int, note: str, workdir: str, task: ClaimedTask,
@@ -709,7 +706,7 @@ class Worker:
 
     # -- heartbeat ----------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
-        beat = Store(self.store.dsn, async_commit=True)
+        beat = Queue(Database(self.database.dsn, async_commit=True))
         interval = self.settings.lease_seconds / 3
         next_beat = 0.0
         last_ok = time.monotonic()
@@ -741,10 +738,10 @@ class Worker:
                             self.draining.set()
             except Exception as exc:  # noqa: BLE001 - keep beating through database outages
                 log.warning("heartbeat failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
-                beat._reset()
+                beat.database.reset()
                 next_beat = now + 1.0
             time.sleep(0.1)
-        beat.close()
+        beat.database.close()
 
     def _stop(self, message: str) -> None:
         log.warning("worker %s: %s; stopping the running program", self.worker_id, message)

@@ -10,7 +10,10 @@ import pytest
 
 from scalebox_hpc.controller import Controller, ControllerSettings
 from scalebox_hpc.states import Code
-from scalebox_hpc.db.store import Message, Store
+from scalebox_hpc.db.apps import Apps
+from scalebox_hpc.db.connection import Database
+from scalebox_hpc.db.reporting import Reporting
+from scalebox_hpc.db.rows import Message
 from scalebox_hpc.siteconfig import load_site
 from scalebox_hpc.sites import LiveWorker
 from scalebox_hpc.sites.slurm import BatchSite, Job, SchedulerError
@@ -156,13 +159,13 @@ def test_job_for_a_host_is_one_node_and_a_refusal_marks_the_host_gone(make_site)
     assert site.gone_hosts({"n2"}) == {}                      # reported once; a new job may try again
 
 
-def host_bound_app(store: Store, *, slots=2):
+def host_bound_app(store: Apps, *, slots=2):
     """An app with a HOST-BOUND module per host_fallback, on site 's'."""
     modules = [{"name": "consume", "site": "s", "task_dist_mode": "HOST-BOUND", "slots": slots},
                {"name": "roam", "site": "s", "task_dist_mode": "HOST-BOUND", "host_fallback": "anywhere",
                 "slots": slots}]
     app_id = store.create_app({"name": "hb", "site": "s"}, modules, [])
-    ids = {name: mid for mid, name, *_ in store.q("app_modules", {"app_id": app_id})}
+    ids = {m.name: m.id for m in store.modules(app_id)}
     return app_id, ids
 
 
@@ -174,7 +177,7 @@ def add(store, app_id, module_id, bodies, host):
 def controller(make_site, dsn, tmp_path):
     site, sched = make_site("  max_workers: 10\n")
     ctl = Controller(ControllerSettings(dsn=dsn, state_dir=str(tmp_path)), sites={"s": site})
-    yield ctl, site, sched, Store(dsn)
+    yield ctl, site, sched, Apps(Database(dsn))
     ctl.close()
 
 
@@ -190,8 +193,8 @@ def test_workers_are_sent_to_the_hosts_with_tasks_round_by_round(controller):
     report = ctl.step()
     assert report["started"] == 2 and report["host_gone"] == 0
     assert sorted(sent_to(sched.scripts)) == ["n1", "n2"]
-    rows = store.q("list_workers", {"app_id": app_id}).fetchall()
-    assert len(rows) == 2 and all(r[3] == "PENDING" for r in rows)
+    rows = Reporting(store.database).workers(app_id)
+    assert len(rows) == 2 and all(r.status == "PENDING" for r in rows)
     # Pending workers count on the host they were sent to: n2 has one for its one task;
     # n1 gets one more for its three, and then the module's 3 slots are full.
     assert ctl.step()["started"] == 1 and sent_to(sched.scripts)[-1] == "n1"
@@ -218,20 +221,19 @@ def test_gone_host_fails_or_frees_its_tasks_by_host_fallback(controller):
     add(store, app_id, ids["consume"], ["d"], "n1")
     report = ctl.step()
     assert report["host_gone"] == 3
-    tasks = {r[4]: r for r in store.q("list_tasks", {"app_id": app_id, "module": None, "status": None,
-                                                     "limit": 10})}
+    tasks = {r.body: r for r in Reporting(store.database).find_tasks(app_id, limit=10)}
     # fail: a final system code, and an attempt whose note names the host and why.
     for body in ("a", "b"):
-        task_id, _module, status, attempts, _body, headers, to_host, *_ = tasks[body]
-        assert (status, attempts, to_host) == (Code.HOST_GONE, 1, "n2")
-        (code, note), = store.conn.execute("SELECT status_code, note FROM task_exec WHERE task_id = %s",
-                                           (task_id,)).fetchall()
+        task = tasks[body]
+        assert (task.status, task.attempts, task.to_host) == (Code.HOST_GONE, 1, "n2")
+        (code, note), = store.database.conn.execute("SELECT status_code, note FROM task_exec WHERE task_id = %s",
+                                                    (task.id,)).fetchall()
         assert code == Code.HOST_GONE and "to_host n2 is gone: node n2 is down (sinfo, reason: test)" in note
     # anywhere: READY for any worker, the host it wanted kept in its headers.
-    _id, _m, status, _a, _b, headers, to_host, *_ = tasks["c"]
-    assert (status, to_host) == (-1, None)
-    assert headers["wanted_host"] == "n2" and "to_host" not in headers
-    assert tasks["d"][2] == -1                               # n1 is fine
+    freed = tasks["c"]
+    assert (freed.status, freed.to_host) == (-1, None)
+    assert freed.headers["wanted_host"] == "n2" and "to_host" not in freed.headers
+    assert tasks["d"].status == -1                               # n1 is fine
     # Only n1 got a worker sent to it; roam's freed task gets one from the ordinary pool next.
     assert sent_to(sched.scripts) == ["n1"]
     ctl.step()
@@ -248,5 +250,5 @@ def test_queued_worker_for_a_host_that_goes_down_is_cancelled(controller):
     site.node_view_at -= 5
     assert ctl.step()["host_gone"] == 1
     assert "101" not in sched.queue                           # scancel'ed
-    (status, message), = store.conn.execute("SELECT status, message FROM workers").fetchall()
+    (status, message), = store.database.conn.execute("SELECT status, message FROM workers").fetchall()
     assert status == "EXITED" and "node n2 is drained" in message

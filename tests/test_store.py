@@ -1,27 +1,39 @@
-"""The queue's guarantees, checked on a real PostgreSQL through the Store API."""
+"""The queue's guarantees, checked on a real PostgreSQL through the db classes."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+from scalebox_hpc.db.apps import Apps
+from scalebox_hpc.db.connection import Database
+from scalebox_hpc.db.pools import Pools
+from scalebox_hpc.db.queue import Queue
+from scalebox_hpc.db.rows import Message, TaskResult
 from scalebox_hpc.retry import RetryRules
-from scalebox_hpc.db.store import Message, Store, TaskResult
 
 
-def make_app(store: Store, bodies=(), modules=("m",), rules=()):
+def connect(dsn):
+    """One connection and the classes over it, as a worker or the controller holds them."""
+    database = Database(dsn)
+    return SimpleNamespace(conn=database.conn, apps=Apps(database), queue=Queue(database), pools=Pools(database))
+
+
+def make_app(s, bodies=(), modules=("m",), rules=()):
     mods = [{"name": n, "site": "local", "command": "@noop", "base_image": "host",
              "retry_rules": [list(r) for r in rules], "slots": 2} for n in modules]
-    app_id = store.create_app({"name": "t", "site": "local"}, mods, [(modules[0], b) for b in bodies])
-    ids = {n: store.one("module_by_name", {"app_id": app_id, "name": n}) for n in modules}
+    app_id = s.apps.create_app({"name": "t", "site": "local"}, mods, [(modules[0], b) for b in bodies])
+    ids = {n: s.apps.module_id(app_id, n) for n in modules}
     return app_id, ids
 
 
-def running_worker(store, module_id):
-    wid = store.create_worker(module_id, "local", 60)
-    store.start_worker(wid, host="h1", ip="10.0.0.1", pid=1, slurm_job_id=None, lease_seconds=60)
+def running_worker(s, module_id):
+    wid = s.pools.create_worker(module_id, "local", 60)
+    s.queue.start_worker(wid, host="h1", ip="10.0.0.1", pid=1, slurm_job_id=None, lease_seconds=60)
     return wid
 
 
-def claim(store, wid, app_id, module_id, limit=10):
-    return store.claim(worker_id=wid, module_id=module_id, app_id=app_id, host="h1", host_bound=False,
-                       limit=limit)
+def claim(s, wid, app_id, module_id, limit=10):
+    return s.queue.claim(worker_id=wid, module_id=module_id, app_id=app_id, host="h1", host_bound=False,
+                         limit=limit)
 
 
 def result(task, code=0, messages=()):
@@ -30,7 +42,7 @@ def result(task, code=0, messages=()):
 
 
 def test_concurrent_claims_are_disjoint(dsn):
-    a, b = Store(dsn), Store(dsn)
+    a, b = connect(dsn), connect(dsn)
     app_id, ids = make_app(a, [str(i) for i in range(50)])
     wa, wb = running_worker(a, ids["m"]), running_worker(a, ids["m"])
     a.conn.execute("BEGIN")
@@ -42,40 +54,40 @@ def test_concurrent_claims_are_disjoint(dsn):
 
 
 def test_dedup_unless_repeatable(dsn):
-    s = Store(dsn)
+    s = connect(dsn)
     app_id, ids = make_app(s, ["x", "x", "y"])
-    assert s.add_tasks(app_id, ids["m"], ["x", "z", "z"], {}) == 1
-    assert s.add_tasks(app_id, ids["m"], ["x", "x"], {"repeatable": "yes"}) == 2
+    assert s.apps.add_tasks(app_id, ids["m"], ["x", "z", "z"], {}) == 1
+    assert s.apps.add_tasks(app_id, ids["m"], ["x", "x"], {"repeatable": "yes"}) == 2
     bodies = sorted(r[0] for r in s.conn.execute("SELECT body FROM tasks WHERE app_id = %s", (app_id,)))
     assert bodies == ["x", "x", "x", "y", "z"]
 
 
 def test_completion_and_messages_are_one_transaction_and_exactly_once(dsn):
-    s = Store(dsn)
+    s = connect(dsn)
     app_id, ids = make_app(s, ["t1"], modules=("m", "next"))
     wid = running_worker(s, ids["m"])
     (task,) = claim(s, wid, app_id, ids["m"])
     msg = Message(ids["next"], "out", {"repeatable": "yes"})
     r = result(task, 0, [msg])
-    assert s.complete(worker_id=wid, app_id=app_id, results=[r], retry_rules=RetryRules()) == 1
+    assert s.queue.complete(worker_id=wid, app_id=app_id, results=[r], retry_rules=RetryRules()) == 1
     # The same answer again (a retry after a dropped connection) changes nothing.
-    assert s.complete(worker_id=wid, app_id=app_id, results=[r], retry_rules=RetryRules()) == 0
+    assert s.queue.complete(worker_id=wid, app_id=app_id, results=[r], retry_rules=RetryRules()) == 0
     assert s.conn.execute("SELECT count(*) FROM tasks WHERE module_id = %s", (ids["next"],)).fetchone()[0] == 1
     assert s.conn.execute("SELECT count(*) FROM task_exec").fetchone()[0] == 1
 
 
 def test_late_answer_of_a_recovered_attempt_is_dropped(dsn):
-    s = Store(dsn)
+    s = connect(dsn)
     app_id, ids = make_app(s, ["t1"], modules=("m", "next"))
     wid = running_worker(s, ids["m"])
     (task,) = claim(s, wid, app_id, ids["m"])
     s.conn.execute("UPDATE workers SET lease_expires = now() - interval '1 second' WHERE id = %s", (wid,))
-    lost, recovered = s.recover_lost()
-    assert [w[0] for w in lost] == [wid] and recovered == 1
+    lost, recovered = s.pools.recover_lost()
+    assert [w.id for w in lost] == [wid] and recovered == 1
     status, attempts = s.conn.execute("SELECT status, attempts FROM tasks WHERE id = %s", (task.id,)).fetchone()
     assert (status, attempts) == (-1, 1)          # READY again, the lost attempt counted
     late = result(task, 0, [Message(ids["next"], "out")])
-    assert s.complete(worker_id=wid, app_id=app_id, results=[late], retry_rules=RetryRules()) == 0
+    assert s.queue.complete(worker_id=wid, app_id=app_id, results=[late], retry_rules=RetryRules()) == 0
     assert s.conn.execute("SELECT count(*) FROM tasks WHERE module_id = %s", (ids["next"],)).fetchone()[0] == 0
     codes = [r[0] for r in s.conn.execute("SELECT status_code FROM task_exec WHERE task_id = %s", (task.id,))]
     assert codes == [123]
@@ -84,41 +96,41 @@ def test_late_answer_of_a_recovered_attempt_is_dropped(dsn):
 
 
 def test_lost_attempts_retry_three_times_by_default(dsn):
-    s = Store(dsn)
+    s = connect(dsn)
     app_id, ids = make_app(s, ["t1"])
     for _ in range(4):
         wid = running_worker(s, ids["m"])
         (task,) = claim(s, wid, app_id, ids["m"])
         s.conn.execute("UPDATE workers SET lease_expires = now() - interval '1 second' WHERE id = %s", (wid,))
-        s.recover_lost()
+        s.pools.recover_lost()
     assert s.conn.execute("SELECT status, attempts FROM tasks").fetchone() == (123, 4)
 
 
 def test_returned_tasks_cost_no_attempt(dsn):
-    s = Store(dsn)
+    s = connect(dsn)
     app_id, ids = make_app(s, ["a", "b"])
     wid = running_worker(s, ids["m"])
     got = claim(s, wid, app_id, ids["m"])
-    assert s.return_tasks(wid, [t.id for t in got]) == 2
+    assert s.queue.return_tasks(wid, [t.id for t in got]) == 2
     rows = s.conn.execute("SELECT status, attempts, worker_id FROM tasks").fetchall()
     assert rows == [(-1, 0, None), (-1, 0, None)]
     assert s.conn.execute("SELECT count(*) FROM task_exec").fetchone()[0] == 0
 
 
 def test_retry_rules_and_semaphores(dsn):
-    s = Store(dsn)
+    s = connect(dsn)
     app_id, ids = make_app(s, ["a"], rules=[("1", 1)])
     wid = running_worker(s, ids["m"])
     (task,) = claim(s, wid, app_id, ids["m"])
     failed = result(task, 1)
     failed.semaphores = [("sem", "+", 5)]         # a failed attempt applies nothing
-    s.complete(worker_id=wid, app_id=app_id, results=[failed], retry_rules=RetryRules((("1", 1),)))
+    s.queue.complete(worker_id=wid, app_id=app_id, results=[failed], retry_rules=RetryRules((("1", 1),)))
     assert s.conn.execute("SELECT status FROM tasks").fetchone()[0] == -1
     (task,) = claim(s, wid, app_id, ids["m"])
     ok = result(task, 0)
     ok.semaphores = [("sem", "+", 5), ("sem", "-", 2), ("other", "=", 7)]
     ok.app_result = "all good"
-    s.complete(worker_id=wid, app_id=app_id, results=[ok], retry_rules=RetryRules((("1", 1),)))
+    s.queue.complete(worker_id=wid, app_id=app_id, results=[ok], retry_rules=RetryRules((("1", 1),)))
     assert dict(s.conn.execute("SELECT name, value FROM semaphores").fetchall()) == {"sem": 3, "other": 7}
     assert s.conn.execute("SELECT result FROM apps").fetchone()[0] == "all good"
     assert [r[0] for r in s.conn.execute("SELECT status_code FROM task_exec ORDER BY attempt")] == [1, 0]

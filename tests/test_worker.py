@@ -14,7 +14,9 @@ import pytest
 
 from scalebox_hpc import db
 from scalebox_hpc.db.embedded import EmbeddedPostgres
-from scalebox_hpc.db.store import Store
+from scalebox_hpc.db.apps import Apps
+from scalebox_hpc.db.connection import Database
+from scalebox_hpc.db.pools import Pools
 from test_faults import query, wait_for
 
 ECHO_APP = Path(__file__).parent / "apps" / "echo"
@@ -113,13 +115,14 @@ def test_worker_waits_for_a_database_that_is_down(tmp_path):
     try:
         with db.connect(dsn) as conn:
             db.upgrade(conn)
-        store = Store(dsn)
+        database = Database(dsn)
         mod = {"name": "m", "site": "local", "command": "@noop", "base_image": "host", "retry_rules": []}
-        app_id = store.create_app({"name": "t", "site": "local"}, [mod], [("m", "a"), ("m", "b")])
-        module_id = store.one("module_by_name", {"app_id": app_id, "name": "m"})
-        worker_id = store.create_worker(module_id, "local", 600)
-        other_id = store.create_worker(module_id, "local", 600)
-        store.close()
+        apps, pools = Apps(database), Pools(database)
+        app_id = apps.create_app({"name": "t", "site": "local"}, [mod], [("m", "a"), ("m", "b")])
+        module_id = apps.module_id(app_id, "m")
+        worker_id = pools.create_worker(module_id, "local", 600)
+        other_id = pools.create_worker(module_id, "local", 600)
+        database.close()
         server.stop()
         env = dict(os.environ, SCALEBOX_DSN=dsn)
         # A worker asked to stop while it waits for the database stops, and promptly.

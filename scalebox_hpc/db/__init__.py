@@ -1,4 +1,12 @@
-"""The one place that talks to PostgreSQL: named queries, migrations, connections."""
+"""The one place that talks to PostgreSQL: connections, migrations, and the named
+queries of this package's .sql files (each next to the module that runs it).
+
+Everything else calls the classes of the submodules: ``connection.Database`` (a
+connection that survives outages), ``queue.Queue`` (what a worker does), ``apps.Apps``
+(apps and their tasks), ``pools.Pools`` (what the controller reads and writes) and
+``reporting.Reporting`` (what 'app show', 'task show' and the report read); the task
+writes they share are in ``tasks``. They hand back the typed rows of ``rows``.
+"""
 from __future__ import annotations
 
 import logging
@@ -8,37 +16,44 @@ from importlib import resources
 from typing import Callable, TypeVar
 
 import psycopg
-from psycopg.rows import dict_row
 
-from ..errors import DatabaseUnavailable, ScaleboxError
+from ..backoff import Backoff
+from ..errors import DatabaseUnavailable, ScaleboxError, first_line
 from ..states import sql_constants
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.M)
-
-
 _CONSTANT = re.compile(r"@([A-Z_]+)\b")
 
 
-def _constants(text: str) -> str:
+def _constants(text: str, source: str) -> str:
     """Put the statuses and codes of states.py in for their @NAMEs (as literals, so that
     a partial index on 'status = -1' still matches)."""
     values = sql_constants()
 
     def value(match: re.Match) -> str:
         if match.group(1) not in values:
-            raise KeyError(f"queries.sql: unknown constant @{match.group(1)} (see scalebox_hpc/states.py)")
+            raise KeyError(f"{source}: unknown constant @{match.group(1)} (see scalebox_hpc/states.py)")
         return str(values[match.group(1)])
     return _CONSTANT.sub(value, text)
 
 
 def _load_queries() -> dict[str, str]:
-    text = _constants(resources.files(__package__).joinpath("queries.sql").read_text())
-    parts = _NAME.split(text)
-    # parts = [preamble, name1, body1, name2, body2, ...]
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2])}
+    """Every ``-- name:`` query of the .sql files of this package, by name; a name is
+    unique across the files, so a query is found without knowing its file."""
+    queries: dict[str, str] = {}
+    for entry in sorted(resources.files(__package__).iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".sql"):
+            continue
+        parts = _NAME.split(_constants(entry.read_text(), entry.name))
+        # parts = [preamble, name1, body1, name2, body2, ...]
+        for name, body in zip(parts[1::2], parts[2::2]):
+            if name in queries:
+                raise KeyError(f"{entry.name}: query {name} is defined twice")
+            queries[name] = body.strip()
+    return queries
 
 
 QUERIES = _load_queries()
@@ -68,17 +83,15 @@ def describe(dsn: str) -> str:
     return f"{info.get('user', '')}@{host}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 
 
-def connect(dsn: str, *, autocommit: bool = True, dict_rows: bool = False,
-            connect_timeout: int = 10, async_commit: bool = False) -> psycopg.Connection:
+def connect(dsn: str, *, autocommit: bool = True, connect_timeout: int = 10,
+            async_commit: bool = False) -> psycopg.Connection:
     extra = {"options": "-c synchronous_commit=off"} if async_commit else {}
     try:
         return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=connect_timeout,
-                               row_factory=dict_row if dict_rows else psycopg.rows.tuple_row,
                                application_name="scalebox-hpc", **extra)
     except psycopg.OperationalError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DatabaseUnavailable(
-            f"cannot connect to the database {describe(dsn)}: {first} "
+            f"cannot connect to the database {describe(dsn)}: {first_line(exc)} "
             "(check SCALEBOX_DSN, the config file or the PG* variables; is PostgreSQL running?)") from exc
 
 
@@ -90,20 +103,19 @@ def with_retry(fn: Callable[[], T], *, what: str, give_up_after: float | None = 
     never a lost or duplicated task: every unit of work they retry is one transaction.
     Gives up (DatabaseUnavailable) after give_up_after seconds, or when stop() says so.
     """
-    delay, started = 0.2, time.monotonic()
+    backoff, started = Backoff(0.2, 5.0), time.monotonic()
     while True:
         try:
             return fn()
         except (psycopg.OperationalError, DatabaseUnavailable) as exc:
             if give_up_after is not None and time.monotonic() - started > give_up_after:
                 raise DatabaseUnavailable(f"{what}: database unreachable for "
-                                          f"{give_up_after:.0f} s: {str(exc).strip().splitlines()[0]}") from exc
+                                          f"{give_up_after:.0f} s: {first_line(exc)}") from exc
             if stop is not None and stop():
                 raise DatabaseUnavailable(f"{what}: database unreachable; stopping as asked") from exc
-            log.warning("%s: database unavailable (%s); retrying in %.1f s", what,
-                        str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, delay)
+            delay = backoff.failed()
+            log.warning("%s: database unavailable (%s); retrying in %.1f s", what, first_line(exc), delay)
             time.sleep(delay)
-            delay = min(delay * 2, 5.0)
             if on_retry:
                 on_retry()
 

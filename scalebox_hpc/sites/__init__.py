@@ -7,17 +7,7 @@ sites implement the same two calls.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass
-class LiveWorker:
-    id: int
-    module_id: int
-    status: str
-    host: str | None
-    pid: int | None
-    slurm_job_id: str | None
+from ..db.rows import LiveWorker
 
 
 class Site:

@@ -59,7 +59,7 @@ CREATE INDEX workers_live ON workers (module_id) WHERE status IN ('PENDING','RUN
 
 -- tasks, task_keys and task_exec take a row per message and per attempt, millions
 -- per run: they carry no foreign keys (a trigger per row on the hot path). Their
--- references are written only by store.py, inside the transactions that make them.
+-- references are written only by scalebox_hpc/db/, inside the transactions that make them.
 CREATE TABLE tasks (
     id              bigserial PRIMARY KEY,
     app_id          bigint NOT NULL,
