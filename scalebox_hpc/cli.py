@@ -252,7 +252,10 @@ def controller(ctx, once):
     """
     from .controller import Controller
 
-    _database(ctx).close()
+    # A daemon waits for its database (a PostgreSQL restarting as the controller starts is
+    # a pause, up to two minutes); a database that refuses the address, or an old schema,
+    # stops it at once.
+    db.with_retry(lambda: _database(ctx).close(), what="controller start", give_up_after=120)
     ctl = Controller(_controller_settings(ctx))
     if not once:
         click.echo(f"controller running on {ctx.obj['resolved'].source} (Ctrl-C to stop)", err=True)

@@ -48,7 +48,12 @@ class TaskFileError(ScaleboxError):
 
 
 class DatabaseUnavailable(ScaleboxError):
-    """The database cannot be reached."""
+    """The database cannot be reached. ``lasting``: the server answered and refused this
+    address (unknown database or role, failed authentication), so waiting will not help."""
+
+    def __init__(self, message: str, *, lasting: bool = False):
+        super().__init__(message)
+        self.lasting = lasting
 
 
 class NotFound(ScaleboxError):

@@ -168,7 +168,11 @@ def test_full_scratch_is_a_task_error(sbx, sbx_env, dsn, tmp_path, small_scratch
     code = tmp_path / "code"
     code.mkdir()
     (code / "big.sh").write_text("#!/bin/bash\nhead -c 8388608 /dev/zero > big.bin\n")
-    (code / "small.sh").write_text("#!/bin/bash\necho \"$1\" > small.txt\n")
+    # A small task running while a big one fills the scratch may find it full for a moment
+    # (a real failure, but a race): it retries its write for up to 10 s, and only a
+    # scratch that stays full (a big task's WORK_DIR kept) fails it.
+    (code / "small.sh").write_text("#!/bin/bash\nfor i in $(seq 100); do\n"
+                                   "  echo \"$1\" > small.txt 2>/dev/null && exit 0; sleep 0.1\ndone\nexit 1\n")
     for p in code.iterdir():
         p.chmod(0o755)
     (tmp_path / "app.yaml").write_text(

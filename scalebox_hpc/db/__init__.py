@@ -83,6 +83,17 @@ def describe(dsn: str) -> str:
     return f"{info.get('user', '')}@{host}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 
 
+# What a server says while it starts, stops or is full: it will take connections again.
+_PASSING = ("the database system is", "too many clients", "connection slots are reserved")
+
+
+def _refused_for_good(exc: psycopg.OperationalError) -> bool:
+    """The server answered and refused this DSN (its FATAL reply is not one of a
+    server starting, stopping or full): retrying the same DSN cannot succeed."""
+    text = str(exc)
+    return "FATAL:" in text and not any(passing in text for passing in _PASSING)
+
+
 def connect(dsn: str, *, autocommit: bool = True, connect_timeout: int = 10,
             async_commit: bool = False) -> psycopg.Connection:
     extra = {"options": "-c synchronous_commit=off"} if async_commit else {}
@@ -92,7 +103,8 @@ def connect(dsn: str, *, autocommit: bool = True, connect_timeout: int = 10,
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(
             f"cannot connect to the database {describe(dsn)}: {first_line(exc)} "
-            "(check SCALEBOX_DSN, the config file or the PG* variables; is PostgreSQL running?)") from exc
+            "(check SCALEBOX_DSN, the config file or the PG* variables; is PostgreSQL running?)",
+            lasting=_refused_for_good(exc)) from exc
 
 
 def with_retry(fn: Callable[[], T], *, what: str, give_up_after: float | None = None,
@@ -101,13 +113,16 @@ def with_retry(fn: Callable[[], T], *, what: str, give_up_after: float | None = 
 
     Workers and the controller use this so that a PostgreSQL restart costs a pause,
     never a lost or duplicated task: every unit of work they retry is one transaction.
-    Gives up (DatabaseUnavailable) after give_up_after seconds, or when stop() says so.
+    Gives up (DatabaseUnavailable) after give_up_after seconds, when stop() says so, or
+    at once when the server refuses the DSN itself (see DatabaseUnavailable.lasting).
     """
     backoff, started = Backoff(0.2, 5.0), time.monotonic()
     while True:
         try:
             return fn()
         except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+            if getattr(exc, "lasting", False):
+                raise
             if give_up_after is not None and time.monotonic() - started > give_up_after:
                 raise DatabaseUnavailable(f"{what}: database unreachable for "
                                           f"{give_up_after:.0f} s: {first_line(exc)}") from exc
