@@ -156,7 +156,7 @@ def main() -> None:
     settings = ssh.SSHSettings(host="127.0.0.1", port=args.port, user="root", key=env["SSHD_KEY"],
                                known_hosts=env["SSHD_KNOWN_HOSTS"])
     inbox = Path(tempfile.mkdtemp(prefix="inbox-", dir=args.inbox_dir)) if args.inbox_dir else work / "inbox"
-    target = {"inbox": str(inbox), "python": sys.executable, "ssh": settings.as_dict()}
+    target = transfer.ForwardTarget("bench", inbox=str(inbox), python=sys.executable, ssh=settings)
     scp = ["scp", "-q", *ssh_options(env), "-P", str(args.port)]
     remote = "root@127.0.0.1"
     try:

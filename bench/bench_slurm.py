@@ -36,7 +36,8 @@ from scalebox_hpc.db.apps import Apps  # noqa: E402
 from scalebox_hpc.db.connection import Database  # noqa: E402
 from scalebox_hpc.siteconfig import load_site  # noqa: E402
 from scalebox_hpc.sites.local import LocalSite  # noqa: E402
-from scalebox_hpc.sites.slurm import BatchSite, LocalRunner, SlurmCLI  # noqa: E402
+from scalebox_hpc.sites.slurm import BatchSite, SlurmCLI  # noqa: E402
+from scalebox_hpc.transport import LocalRunner  # noqa: E402
 
 POLL_SECONDS = 5.0
 TASKS_PER_WORKER = 6

@@ -18,8 +18,8 @@ from .db.apps import Apps
 from .db.connection import Database
 from .db.pools import Pools
 from .db.reporting import Reporting
-from .states import AppStatus, is_failure, parse_status, status_name
-from .errors import NotFound, ScaleboxError
+from .states import RUNTIMES, AppStatus, is_failure, parse_status, status_name
+from .errors import NotFound, ScaleboxError, first_line
 
 log = logging.getLogger("scalebox_hpc")
 
@@ -32,6 +32,13 @@ def _json_default(value):
 
 def emit_json(data) -> None:
     click.echo(json.dumps(data, indent=2, default=_json_default))
+
+
+def json_output(command):
+    """A command's --json flag (machine-readable output instead of a table); the command
+    gets the click context and ``as_json``."""
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print JSON instead of a table.")(click.pass_context(command))
 
 
 class Group(click.Group):
@@ -58,7 +65,7 @@ class Group(click.Group):
                 where = f"; traceback in {path}"
             except OSError:
                 where = ""
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            first = first_line(str(exc))
             click.echo(f"internal error: {type(exc).__name__}: {first}{where}", err=True)
             sys.exit(2)
 
@@ -222,8 +229,7 @@ def run(ctx, app_path, env_files, site, wait, as_json, quiet):
               help="KEY=VALUE file for ${VAR} placeholders (repeatable).")
 @click.option("--site", help="Run the modules that name no site on this site.")
 @click.option("--wait", is_flag=True, help="Wait for the app to end (a controller must be running).")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
+@json_output
 def submit(ctx, app_path, env_files, site, wait, as_json):
     """Put an app into the database; a running controller does the rest."""
     app, app_id = _submit(ctx, app_path, env_files, site)
@@ -275,32 +281,42 @@ def controller(ctx, once):
 @click.option("--lease-seconds", type=float, default=30.0, show_default=True)
 @click.option("--idle-seconds", type=float, default=30.0, show_default=True,
               help="Exit after this long with nothing to do.")
+@click.option("--walltime-seconds", type=float, help="The batch job's time limit (to stop claiming in time).")
+@click.option("--runtime", type=click.Choice(RUNTIMES),
+              help="Container runtime for modules with an image (default: whichever is on PATH).")
+@click.option("--image-cache", help="Directory for pulled images (default: under the scratch root).")
+@click.option("--probe", metavar="CHANNEL", hidden=True,
+              help="Run the probe of 'site check' (report to CHANNEL) instead of working.")
 @click.option("--log-file", type=click.Path(dir_okay=False))
 @click.option("-v", "--verbose", count=True)
 @click.pass_context
-@click.option("--walltime-seconds", type=float, help="The batch job's time limit (to stop claiming in time).")
-@click.option("--runtime", type=click.Choice(["apptainer", "singularity", "host"]),
-              help="Container runtime for modules with an image (default: whichever is on PATH).")
-@click.option("--image-cache", help="Directory for pulled images (default: under the scratch root).")
-def worker(ctx, worker_ids, scratch, lease_seconds, idle_seconds, log_file, verbose, walltime_seconds,
-           runtime, image_cache):
-    """Claim and run tasks of one module (started by the controller, not by hand)."""
-    from .worker import Worker, WorkerSettings, job_end_time, pick_worker_id
+def worker(ctx, log_file, verbose, **options):
+    """Claim and run tasks of one module (started by the controller, not by hand).
+
+    Its options are what sites write through sites.launch.WorkerLaunch."""
+    from .sites.launch import WorkerLaunch
+    from .worker import Worker, WorkerSettings, job_end_time
 
     _setup_logging(max(verbose, 1), log_file)
     try:
-        worker_id = pick_worker_id([int(w) for w in worker_ids.split(",")], os.environ)
+        launch = WorkerLaunch.from_options(**options)
+        worker_id = None if launch.probe else launch.worker_id(os.environ)
     except ValueError as exc:
-        raise ScaleboxError(f"--worker-ids {worker_ids!r}: {exc}") from None
+        raise ScaleboxError(str(exc)) from None
     dsn = ctx.obj["dsn"]
     if dsn is None:
         dsn = config.resolve_database(None).dsn
-    scratch = scratch or os.environ.get("TMPDIR") or "/tmp"
-    settings = WorkerSettings(scratch_root=os.path.expandvars(scratch), lease_seconds=lease_seconds,
-                              idle_seconds=idle_seconds, runtime=runtime or os.environ.get("SCALEBOX_RUNTIME"),
-                              image_cache=image_cache or os.environ.get("SCALEBOX_IMAGE_CACHE"),
+    scratch = launch.scratch or os.environ.get("TMPDIR") or "/tmp"
+    if launch.probe:
+        # The job 'site check' submits: the worker's job script and flags, reporting back.
+        from . import sitecheck
+        sys.exit(sitecheck.probe(dsn, launch.probe, scratch))
+    settings = WorkerSettings(scratch_root=os.path.expandvars(scratch), lease_seconds=launch.lease_seconds,
+                              idle_seconds=launch.idle_seconds,
+                              runtime=launch.runtime or os.environ.get("SCALEBOX_RUNTIME"),
+                              image_cache=launch.image_cache or os.environ.get("SCALEBOX_IMAGE_CACHE"),
                               pull_timeout=config.env_float("SCALEBOX_PULL_TIMEOUT", 900.0))
-    settings.job_end = job_end_time(os.environ, walltime_seconds)
+    settings.job_end = job_end_time(os.environ, launch.walltime_seconds)
     sys.exit(Worker(dsn, worker_id, settings).run())
 
 
@@ -312,8 +328,7 @@ def app():
 
 @app.command("list")
 @click.option("--limit", default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
+@json_output
 def app_list(ctx, limit, as_json):
     """Recent apps, newest first."""
     rows = [asdict(a) for a in Apps(_database(ctx)).list_apps(limit)]
@@ -327,8 +342,7 @@ def app_list(ctx, limit, as_json):
 
 @app.command("show")
 @click.argument("app_id", type=int)
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
+@json_output
 def app_show(ctx, app_id, as_json):
     """Per-module task counts by state, failures by code, rates, ETA and result of one app."""
     summary = Reporting(_database(ctx)).app_summary(app_id)
@@ -443,8 +457,7 @@ def task_add(ctx, app_id, module, bodies, from_file, headers):
               "FAILED (any failure).")
 @click.option("--host", help="Only tasks whose last attempt ran on this host.")
 @click.option("--limit", default=100, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
+@json_output
 def task_list(ctx, app_id, module, status, host, limit, as_json):
     """Tasks of an app, oldest first."""
     database = _database(ctx)
@@ -468,8 +481,7 @@ def task_list(ctx, app_id, module, status, host, limit, as_json):
 @task.command("show")
 @click.argument("task_id", type=int)
 @click.option("--full", is_flag=True, help="Whole stdout/stderr (default: their last 2,000 characters).")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
+@json_output
 def task_show(ctx, task_id, as_json, full):
     """A task and every attempt of it: the timestamps of each stage and the time between
     them, exit code, host, worker, Slurm job, outputs and user text."""
@@ -585,14 +597,15 @@ def semaphore():
 
 @semaphore.command("list")
 @click.argument("app_id", type=int)
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
+@json_output
 def semaphore_list(ctx, app_id, as_json):
-    semaphores = Apps(_database(ctx)).semaphores(app_id)
+    """The semaphores of one app, their values and when they last changed."""
+    rows = [asdict(sem) for sem in Apps(_database(ctx)).semaphores(app_id)]
     if as_json:
-        return emit_json([asdict(sem) for sem in semaphores])
-    for sem in semaphores:
-        click.echo(f"{sem.name}\t{sem.value}")
+        return emit_json(rows)
+    from .progress import table
+    table(["name", "value", "updated"], [[r["name"], r["value"], f"{r['updated_at']:%Y-%m-%d %H:%M:%S}"]
+                                         for r in rows])
 
 
 @semaphore.command("get")
@@ -600,6 +613,7 @@ def semaphore_list(ctx, app_id, as_json):
 @click.argument("name")
 @click.pass_context
 def semaphore_get(ctx, app_id, name):
+    """The value of one semaphore (for scripts: the number alone)."""
     click.echo(Apps(_database(ctx)).semaphore(app_id, name))
 
 
@@ -609,8 +623,7 @@ def site():
 
 
 @site.command("list")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
+@json_output
 def site_list(ctx, as_json):
     """Configured sites, with the status the controller last reported for each."""
     from .sites import make_sites
@@ -636,8 +649,7 @@ def site_list(ctx, as_json):
 @click.argument("name")
 @click.option("--timeout", type=float, default=300.0, show_default=True,
               help="Seconds to wait for the probe job (queue wait included).")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
+@json_output
 def site_check(ctx, name, timeout, as_json):
     """Check that SITE can run workers: Slurm answers, the partition exists, and a probe
     job built like a worker job reaches the database and writes to scratch on a node."""
@@ -663,18 +675,6 @@ def site_check(ctx, name, timeout, as_json):
         table(["check", "result", "detail"], [[c.name, "ok" if c.ok else "FAILED", c.detail] for c in checks])
         click.echo(f"site {name}: {'ready' if ok else 'NOT ready'}")
     sys.exit(0 if ok else 1)
-
-
-@site.command("probe", hidden=True)
-@click.option("--channel", required=True)
-@click.option("--scratch", required=True)
-def site_probe(channel, scratch):
-    """Run by the probe job of 'site check' on a compute node."""
-    from . import sitecheck
-
-    if not os.environ.get("SCALEBOX_DSN"):
-        raise ScaleboxError("site probe: SCALEBOX_DSN is not set (the probe job script sets it)")
-    sys.exit(sitecheck.probe(os.environ["SCALEBOX_DSN"], channel, scratch))
 
 
 @main.group(name="db")

@@ -22,7 +22,7 @@ from .db.apps import Apps
 from .db.connection import Database
 from .db.pools import Pools
 from .errors import DatabaseUnavailable, first_line
-from .sites import Site, make_sites, site_record
+from .sites import Site, make_sites
 from .states import AppStatus, Code, WorkerStatus
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class Controller:
             self.recover_after = time.monotonic() + self.settings.lease_seconds
             log.info("controller active on %s (pid %s)", socket.gethostname(), os.getpid())
             for name, site in self.sites.items():
-                self.pools.upsert_site(name, site.kind, site_record(site))
+                self.pools.upsert_site(name, site.kind, site.forward_target().to_json())
 
     def step(self) -> dict:
         """One pass; returns what it did (for logs and tests)."""

@@ -15,6 +15,14 @@ def first_line(error: BaseException | str) -> str:
     return type(error).__name__ if isinstance(error, BaseException) else ""
 
 
+def last_line(text: str | None, *, prefer: str | None = None, default: str = "no output") -> str:
+    """The last non-blank line of a command's output, where tools put their reason
+    (with ``prefer``, the last line containing it, e.g. Apptainer's 'FATAL')."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    preferred = [line for line in lines if prefer and prefer in line]
+    return (preferred or lines or [default])[-1]
+
+
 class ScaleboxError(Exception):
     """A failure the user can fix; ``str()`` is one line saying what and how."""
 

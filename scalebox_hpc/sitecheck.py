@@ -2,8 +2,8 @@
 
 For a Slurm site it asks Slurm (squeue, the partition), renders the worker job script,
 and submits a tiny probe job built exactly like a worker job (same #SBATCH lines,
-worker_init, environment and database settings). The probe, 'scalebox-hpc site probe',
-runs on a compute node, connects to the database the workers would use, writes to
+worker_init, environment, database settings and worker command line, made by the same
+code, with ``--probe``). The probe runs on a compute node, connects to the database the workers would use, writes to
 the scratch directory, and reports back through PostgreSQL (NOTIFY), so the check
 needs no shared file system, and a report that arrives proves the database reachable
 from the node.
@@ -23,6 +23,8 @@ import psycopg
 from . import __version__
 from .db.connection import listen_on
 from .db.pools import report_probe
+from .errors import first_line
+from .transport import CommandError
 
 PROBE_PREFIX = "sbx_probe_"
 
@@ -54,8 +56,8 @@ def probe(dsn: str, channel: str, scratch: str) -> int:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=20) as conn:
             report_probe(conn, channel, json.dumps(report))
     except psycopg.Error as exc:
-        print(f"scalebox-hpc site probe: cannot reach the database from {report['host']}: "
-              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}", file=sys.stderr)
+        print(f"scalebox-hpc worker --probe: cannot reach the database from {report['host']}: "
+              f"{first_line(exc)}", file=sys.stderr)
         return 1
     print(json.dumps(report))
     return 0
@@ -80,14 +82,15 @@ def _database_check(dsn: str) -> Check:
             version = conn.info.server_version
         return Check("database", True, f"reachable from this host (PostgreSQL {version // 10000})")
     except psycopg.Error as exc:
-        return Check("database", False, f"unreachable from this host: {str(exc).strip().splitlines()[0]}")
+        return Check("database", False, f"unreachable from this host: {first_line(exc)}")
 
 
 def check_batch(site, dsn: str, *, timeout: float, progress=lambda text: None) -> list[Check]:
     """Slurm commands, partition, job script, then the probe job (unless an earlier
     check already shows it could not work)."""
-    from .sites.slurm import SchedulerError
-    from .siteconfig import render_worker_script
+    from dataclasses import replace
+
+    from .sites.slurm import render_worker_script
 
     checks = [_database_check(dsn)]
     cli = site.scheduler
@@ -95,7 +98,7 @@ def check_batch(site, dsn: str, *, timeout: float, progress=lambda text: None) -
         jobs = cli.jobs(site.prefix)
         how = f" on {site.config.ssh.where} over SSH" if site.config.ssh else ""
         checks.append(Check("slurm", True, f"squeue answers{how} ({len(jobs)} job(s) of this site in the queue)"))
-    except SchedulerError as exc:
+    except CommandError as exc:
         checks.append(Check("slurm", False, str(exc)))
         return checks
     partition = site.config.slurm.partition
@@ -105,13 +108,11 @@ def check_batch(site, dsn: str, *, timeout: float, progress=lambda text: None) -
             checks.append(Check("partition", True, found))
         else:
             checks.append(Check("partition", True, f"none set: the cluster's default ({found})"))
-    except SchedulerError as exc:
+    except CommandError as exc:
         checks.append(Check("partition", False, str(exc)))
         return checks
     channel = PROBE_PREFIX + secrets.token_hex(8)
-    python = site.config.python or sys.executable
-    argv = [python, "-m", "scalebox_hpc", "site", "probe", "--channel", channel,
-            "--scratch", site.config.scratch_root or "${TMPDIR:-/tmp}"]
+    argv = replace(site.worker_launch([]), probe=channel).argv(site.config.python)
     try:
         env = site.worker_env()
         site.ensure_log_dir()
@@ -126,8 +127,6 @@ def check_batch(site, dsn: str, *, timeout: float, progress=lambda text: None) -
 
 
 def _probe_job(site, dsn, channel, script, timeout, progress) -> list[Check]:
-    from .sites.slurm import SchedulerError
-
     nodes = site.config.slurm.nodes
     try:
         listener = psycopg.connect(dsn, autocommit=True)
@@ -137,7 +136,7 @@ def _probe_job(site, dsn, channel, script, timeout, progress) -> list[Check]:
         listen_on(listener, channel)
         try:
             job = site.scheduler.submit(script)
-        except SchedulerError as exc:
+        except CommandError as exc:
             return [Check("probe job", False, f"submission failed: {exc}")]
         progress(f"probe job {job} submitted; waiting for it (up to {timeout:g} s)")
         reports, started = [], time.monotonic()
@@ -147,7 +146,7 @@ def _probe_job(site, dsn, channel, script, timeout, progress) -> list[Check]:
                 reports.append(json.loads(note.payload))
             try:
                 queued = job in site.scheduler.jobs(site.prefix)
-            except SchedulerError:
+            except CommandError:
                 queued = True
             if not queued:
                 # Gone from the queue: give a report sent at its very end a moment to arrive.
@@ -174,10 +173,9 @@ def _probe_job(site, dsn, channel, script, timeout, progress) -> list[Check]:
 
 
 def _safe_jobs(site) -> dict:
-    from .sites.slurm import SchedulerError
     try:
         return site.scheduler.jobs(site.prefix)
-    except SchedulerError:
+    except CommandError:
         return {}
 
 

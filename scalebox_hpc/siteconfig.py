@@ -1,35 +1,31 @@
-"""Load and validate site configs (SPEC section 7) and render Slurm worker job scripts.
+"""Load and validate site configs: the sites directory's YAML files, one per site.
 
 A site config is the only place that knows a site's quirks. Everything that ends up in a
-batch script is checked here, at load time, with file:line and key path in every error;
-the script itself is rendered from a Jinja2 template with every value shell-quoted, so a
-config value can never become shell code. Only ``worker_init`` lines, written by the site
-admin, are inserted verbatim.
+batch script is checked here, at load time, with file:line and key path in every error
+(values for '#SBATCH' lines are whitelisted characters; no password anywhere); the job
+script itself is rendered by sites/slurm/jobscript.py, every value shell-quoted.
 """
 from __future__ import annotations
 
 import os
 import re
-import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from .yamlcheck import Checker, Entry, LineMap, describe, parse_yaml
 from .errors import ConfigError
 from .ssh import SSHSettings, parse_jump
+from .states import RUNTIMES
 
 SCHEDULERS = ("local", "slurm")
-RUNTIMES = ("host", "apptainer", "singularity")
 SSH_KEYS = ("host", "port", "user", "key", "jump", "known_hosts", "control_path", "control_persist",
             "login_shell", "connect_timeout")
 _HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*")
-WORKER_TEMPLATE = "worker.sbatch.j2"
 
 _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -38,9 +34,6 @@ _SCRIPT_VALUE = re.compile(r"[A-Za-z0-9_.:,=+\-/@%]+")
 _SCRIPT_CHARS = "letters, digits and _.:,=+-/@%"
 _WALLTIME = re.compile(r"(?:(\d+)-)?(\d+(?::\d+){0,2})")
 
-_PACKAGE = Path(__file__).resolve().parent
-# Installed: shipped inside the package; source checkout: the project's templates/ folder.
-_TEMPLATE_DIRS = (_PACKAGE / "templates", _PACKAGE.parent / "templates")
 
 
 @dataclass
@@ -352,11 +345,10 @@ class _SiteParser(Checker):
         return jump
 
     def template(self, entry: Entry) -> str | None:
+        """An override job script template, resolved against the site config's folder."""
         value = self.line_text(entry)
-        if value is None:
-            return None
-        path = self.resolve(value)
-        if not os.path.isfile(path):
+        path = self.resolve(value) if value is not None else None
+        if path is not None and not os.path.isfile(path):
             raise self.error(f"template not found: {path}", entry.key, entry.line)
         return path
 
@@ -409,78 +401,3 @@ def load_sites(directory: str | os.PathLike) -> dict[str, SiteConfig]:
                               "site names must be unique", file=str(file), key="name", line=site.line)
         sites[site.name] = site
     return sites
-
-
-# ---------------------------------------------------------------- the worker job script
-
-def sbatch_options(site: SiteConfig, *, job_name: str, array: str | None = None,
-                   nodelist: str | None = None, log_dir: str) -> list[str]:
-    """The '#SBATCH' options for a worker job, each value shell-quoted."""
-    slurm, q = site.slurm, shlex.quote
-    log_name = "%x-%A_%a" if array else "%x-%j"
-    options = [f"--job-name={q(job_name)}"]
-    if array:
-        options.append(f"--array={q(array)}")
-    for flag, value in (("partition", slurm.partition), ("account", slurm.account), ("qos", slurm.qos)):
-        if value:
-            options.append(f"--{flag}={q(value)}")
-    options += [f"--time={q(slurm.walltime)}", f"--nodes={int(slurm.nodes)}", "--ntasks-per-node=1"]
-    if slurm.cpus_per_task:
-        options.append(f"--cpus-per-task={int(slurm.cpus_per_task)}")
-    for flag, value in (("mem", slurm.mem), ("gres", slurm.gres), ("gpus", slurm.gpus)):
-        if value:
-            options.append(f"--{flag}={q(value)}")
-    if nodelist:
-        options.append(f"--nodelist={q(nodelist)}")
-    options += [f"--output={q(os.path.join(log_dir, log_name + '.out'))}",
-                f"--error={q(os.path.join(log_dir, log_name + '.err'))}",
-                f"--signal=B:USR1@{int(slurm.drain_seconds)}",
-                *slurm.extra_sbatch]
-    # A line break would end the '#SBATCH' comment and turn the rest into shell code; sbatch
-    # reads a backslash as an escape even inside quotes, unlike the shell quoting used here.
-    for option in options:
-        if any(char in option for char in "\n\r\\"):
-            raise ValueError(f"line break or backslash in sbatch option {option!r}")
-    return options
-
-
-def _template(site: SiteConfig) -> jinja2.Template:
-    if site.template:
-        path = Path(site.template)
-    else:
-        path = next((d / WORKER_TEMPLATE for d in _TEMPLATE_DIRS if (d / WORKER_TEMPLATE).is_file()), None)
-        if path is None:
-            raise FileNotFoundError(f"{WORKER_TEMPLATE} not found in {', '.join(map(str, _TEMPLATE_DIRS))}")
-    environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(path.parent)), undefined=jinja2.StrictUndefined,
-        autoescape=False, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
-    environment.filters["q"] = shlex.quote
-    try:
-        return environment.get_template(path.name)
-    except jinja2.TemplateSyntaxError as exc:
-        raise ConfigError(f"invalid template: {exc.message}", file=str(path), line=exc.lineno) from None
-
-
-def render_worker_script(site: SiteConfig, *, job_name: str, worker_argv: Sequence[str],
-                         env: Mapping[str, str], log_dir: str, array: str | None = None,
-                         nodelist: str | None = None) -> str:
-    """The Slurm batch script that runs one worker per node of the job.
-
-    `env` adds to (and overrides) the site's `env`; no value may be a secret.
-    """
-    if not worker_argv:
-        raise ValueError("worker_argv is empty")
-    exports = {**site.env, **env}
-    for key in exports:
-        if not _ENV_NAME.fullmatch(key):
-            raise ValueError(f"invalid environment variable name {key!r}")
-    template = _template(site)
-    try:
-        return template.render(
-            site=site, job_name=job_name, array=array, nodelist=nodelist,
-            sbatch_lines=sbatch_options(site, job_name=job_name, array=array, nodelist=nodelist,
-                                        log_dir=log_dir),
-            worker_argv=list(worker_argv), env=exports, worker_init=site.slurm.worker_init,
-            passfile=site.database.passfile, service=site.database.service, nodes=site.slurm.nodes)
-    except jinja2.TemplateError as exc:
-        raise ConfigError(f"cannot render template: {exc}", file=template.filename) from None

@@ -1,4 +1,5 @@
-"""The vocabulary of states: tasks, system codes, apps, workers and sites.
+"""The vocabulary of states: tasks, system codes, apps, workers and sites (and the
+names of the runtimes a site may choose).
 
 This is the only place that defines them. Python code uses these names; the SQL in
 ``db/*.sql`` writes task statuses and codes as ``@NAME`` (``@READY``, ``@LEASE_LOST``),
@@ -94,6 +95,12 @@ def status_name(code: int) -> str:
 def meaning(code: int) -> str:
     """What an attempt's code says, for tables and reports."""
     return Code.MEANINGS.get(code, "exit code" if code > 0 else status_name(code))
+
+
+#: container binaries, in the order a node without a site choice looks for them
+CONTAINER_RUNTIMES = ("apptainer", "singularity")
+#: what a site config's 'runtime' and the worker's --runtime may say ('host': no container)
+RUNTIMES = ("host", *CONTAINER_RUNTIMES)
 
 
 def is_failure(code: int) -> bool:

@@ -30,7 +30,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from .errors import ScaleboxError
+from .backoff import Backoff
+from .errors import ScaleboxError, last_line
 from .ssh import HOST_KEY_FAILED, HostKeyError, SSHConnection, SSHError, SSHSettings, openssh_argv
 
 MANIFEST = ".scalebox-manifest.json"
@@ -52,6 +53,29 @@ class PathRefused(ScaleboxError):
 class Item:
     source: str      # the file on this node
     name: str        # its relative name at the destination
+
+
+@dataclass(frozen=True)
+class ForwardTarget:
+    """Where files forwarded to a site go and how to reach it: its inbox, the python
+    that runs the receiver there, and its login node (None: a site on this machine).
+    The controller stores it in the sites table (to_json); workers elsewhere read it
+    back (from_json)."""
+
+    site: str
+    inbox: str | None = None
+    python: str | None = None
+    ssh: SSHSettings | None = None
+
+    def to_json(self) -> dict:
+        return {"inbox": self.inbox, "python": self.python, "ssh": self.ssh.as_dict() if self.ssh else None}
+
+    @classmethod
+    def from_json(cls, site: str, data: dict | None) -> ForwardTarget:
+        data = data or {}
+        ssh = data.get("ssh")
+        return cls(site, inbox=data.get("inbox"), python=data.get("python"),
+                   ssh=SSHSettings.from_dict(ssh) if ssh else None)
 
 
 def safe_name(name: str, what: str = "path") -> str:
@@ -123,33 +147,32 @@ class _Hashing:
         return data
 
 
-def _receiver_argv(target: dict, inbox: str, dest: str, extra: list[str] = ()) -> list[str]:
-    python = target.get("python") or ("python3" if target.get("ssh") else sys.executable)
-    command = [python, "-m", "scalebox_hpc.transfer", "--inbox", inbox, "--dest", dest, *extra]
-    ssh = target.get("ssh")
-    if not ssh:
+def _receiver_argv(target: ForwardTarget, dest: str, extra: list[str] = (), *, local: bool = False) -> list[str]:
+    """The receiver's command line: through ssh, unless the target is on this machine
+    or ``local`` (already run on the target's login node)."""
+    python = target.python or ("python3" if target.ssh else sys.executable)
+    command = [python, "-m", "scalebox_hpc.transfer", "--inbox", target.inbox, "--dest", dest, *extra]
+    if not target.ssh or local:
         return command
-    settings = SSHSettings.from_dict(ssh)
-    return [*openssh_argv(settings), settings.remote_command(command)]
+    return [*openssh_argv(target.ssh), target.ssh.remote_command(command)]
 
 
-def send(target: dict, dest: str, items: list[Item], *, mode: str = "stream", retries: int = 3,
+def send(target: ForwardTarget, dest: str, items: list[Item], *, mode: str = "stream", retries: int = 3,
          timeout: float = 3600.0, on_retry=None) -> dict:
-    """Deliver ``items`` into ``target['inbox']/dest``; returns what the receiver
+    """Deliver ``items`` into the target's ``inbox/dest``; returns what the receiver
     reported ({path, files, bytes}) plus seconds and tries. Raises TransferError after
     the last try."""
     dest = safe_name(dest, "destination")
-    inbox = target.get("inbox")
-    if not inbox:
-        raise TransferError("the target site has no inbox: set 'inbox' in its site config")
+    if not target.inbox:
+        raise TransferError(f"site {target.site} has no inbox for forwarded files: set 'inbox' in its site config")
     started = time.monotonic()
-    last = None
+    last, backoff = None, Backoff(1.0, 30.0)
     for attempt in range(1, retries + 2):
         try:
             if mode == "sftp":
-                report = _send_sftp(target, inbox, dest, items, timeout)
+                report = _send_sftp(target, dest, items, timeout)
             else:
-                report = _send_stream(target, inbox, dest, items, timeout)
+                report = _send_stream(target, dest, items, timeout)
             report.update(seconds=round(time.monotonic() - started, 3), tries=attempt, mode=mode)
             return report
         except (TransferError, SSHError, OSError) as exc:
@@ -159,7 +182,7 @@ def send(target: dict, dest: str, items: list[Item], *, mode: str = "stream", re
             if attempt <= retries:
                 if on_retry:
                     on_retry(attempt, exc)
-                time.sleep(min(30.0, 1.0 * 2 ** (attempt - 1)))
+                time.sleep(backoff.failed())
     raise TransferError(f"forward to {dest} failed after {attempt} tr{'y' if attempt == 1 else 'ies'}: {last}")
 
 
@@ -167,8 +190,8 @@ def _manifest_bytes(manifest: list[dict]) -> bytes:
     return json.dumps({"files": manifest}).encode()
 
 
-def _send_stream(target: dict, inbox: str, dest: str, items: list[Item], timeout: float) -> dict:
-    argv = _receiver_argv(target, inbox, dest)
+def _send_stream(target: ForwardTarget, dest: str, items: list[Item], timeout: float) -> dict:
+    argv = _receiver_argv(target, dest)
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors)
         manifest = []
@@ -262,12 +285,13 @@ class _TarWriter:
 def _tail(errors) -> str:
     """The last line the receiver (or ssh) wrote to its stderr file."""
     errors.seek(0)
-    return _last_line(errors.read().decode(errors="replace"))
+    return _detail(errors.read().decode(errors="replace"))
 
 
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return f" ({lines[-1]})" if lines else ""
+def _detail(text: str) -> str:
+    """' (the last line said)', or nothing when nothing was said."""
+    line = last_line(text, default="")
+    return f" ({line})" if line else ""
 
 
 def _answer(code: int, out: bytes, detail: str, manifest: list[dict]) -> dict:
@@ -285,12 +309,12 @@ def _answer(code: int, out: bytes, detail: str, manifest: list[dict]) -> dict:
     return {"path": report["path"], "files": report["files"], "bytes": report["bytes"]}
 
 
-def _send_sftp(target: dict, inbox: str, dest: str, items: list[Item], timeout: float) -> dict:
+def _send_sftp(target: ForwardTarget, dest: str, items: list[Item], timeout: float) -> dict:
     """One SFTP put per file into a temporary directory, then a verified commit."""
-    ssh = target.get("ssh")
-    if not ssh:
-        raise TransferError("sftp mode needs an 'ssh' section in the target's site config")
-    conn = SSHConnection(SSHSettings.from_dict(ssh))
+    if not target.ssh:
+        raise TransferError(f"sftp mode needs an 'ssh' section in the site config of {target.site}")
+    inbox = target.inbox
+    conn = SSHConnection(target.ssh)
     try:
         sftp = conn.open_sftp()
         sftp.get_channel().settimeout(timeout)
@@ -319,7 +343,7 @@ def _send_sftp(target: dict, inbox: str, dest: str, items: list[Item], timeout: 
                 attrs = sftp.putfo(reader, path, confirm=True)
             manifest.append({"name": item.name, "size": attrs.st_size, "sha256": reader.sha.hexdigest()})
         sftp.close()
-        status, out, err = conn.run(_receiver_argv({**target, "ssh": None}, inbox, dest, ["--commit", staging]),
+        status, out, err = conn.run(_receiver_argv(target, dest, ["--commit", staging], local=True),
                                     _manifest_bytes(manifest), timeout)
     except SSHError:
         raise
@@ -327,7 +351,7 @@ def _send_sftp(target: dict, inbox: str, dest: str, items: list[Item], timeout: 
         raise TransferError(f"sftp: {exc}") from None
     finally:
         conn.close()
-    return _answer(status, out.encode(), _last_line(err), manifest)
+    return _answer(status, out.encode(), _detail(err), manifest)
 
 
 # ------------------------------------------------------------------ the receiving side

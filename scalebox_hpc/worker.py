@@ -22,15 +22,15 @@ from pathlib import Path
 from .db.connection import Database
 from .db.queue import Queue
 from .db.rows import ClaimedTask, Message, TaskResult
-from .errors import DatabaseUnavailable, TaskFileError
+from .errors import DatabaseUnavailable, TaskFileError, first_line
 from . import taskfiles
 from .appdef import ModuleDef
+from .sites.launch import DRAIN_MARGIN
 from .runtimes import ImageError, OutputBuffer, ProgramResult, RuntimePlace, runtime_for, utcnow
 from .states import AppStatus, Code, WorkerStatus
 
 log = logging.getLogger(__name__)
 
-DRAIN_MARGIN = 10.0           # seconds a worker keeps free before its job's end, to leave
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGHUP}
 MIN_FREE_BYTES = 16 << 20    # below this, scratch counts as full
 SINK_FILES = ("sink-tasks.txt", "messages.txt")
@@ -63,16 +63,6 @@ def slurm_job_id(environ) -> str | None:
     if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
         return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
     return environ.get("SLURM_JOB_ID")
-
-
-def pick_worker_id(worker_ids: list[int], environ) -> int:
-    """A batch job carries the ids of all its workers: one per node (srun task) and per
-    array element; this process takes its own."""
-    index = int(environ.get("SLURM_ARRAY_TASK_ID") or 0) * int(environ.get("SLURM_JOB_NUM_NODES") or 1) \
-        + int(environ.get("SLURM_PROCID") or 0)
-    if index >= len(worker_ids):
-        raise ValueError(f"no worker id for index {index} in {worker_ids}")
-    return worker_ids[index]
 
 
 def _free_bytes(path: str) -> int | None:
@@ -507,13 +497,13 @@ class Worker:
         record["t_forward_start"] = utcnow()
         try:
             for site, messages in by_site.items():
-                target = self._site_record(site)
+                target = self._forward_target(site)
                 wanted = {id(m): m.headers["files"] for m in messages if "files" in m.headers}
                 if not wanted and declared:
                     wanted = {id(m): list(declared) for m in messages}
                 if not wanted:
                     continue          # messages only: nothing to carry
-                if not target.get("inbox"):
+                if not target.inbox:
                     raise transfer.TransferError(f"site {site} has no inbox for forwarded files: set 'inbox' "
                                                  "in its site config")
                 roots = {m.headers.get("files_root") for m in messages if id(m) in wanted}
@@ -555,10 +545,11 @@ class Worker:
             record["forward_files"] = sum(f["files"] for f in forwards)
         return 0
 
-    def _site_record(self, site: str) -> dict:
+    def _forward_target(self, site: str):
+        from .transfer import ForwardTarget
         if self.site_records is None or site not in self.site_records:
             self.site_records = self._db(self.queue.site_configs, "read site configs", finishing=True)
-        return self.site_records.get(site, {})
+        return ForwardTarget.from_json(site, self.site_records.get(site))
 
     def _system_failure(self, result: TaskResult, code: int, note: str, workdir: str, task: ClaimedTask,
                         names: set[str]) -> TaskResult:
@@ -737,7 +728,7 @@ class Worker:
                             self.stop_reason = f"app is {app_status}"
                             self.draining.set()
             except Exception as exc:  # noqa: BLE001 - keep beating through database outages
-                log.warning("heartbeat failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
+                log.warning("heartbeat failed: %s", first_line(exc))
                 beat.database.reset()
                 next_beat = now + 1.0
             time.sleep(0.1)

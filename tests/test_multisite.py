@@ -236,7 +236,8 @@ class _AnswerLost:
 @pytest.mark.parametrize("ran", [True, False])
 def test_lost_sbatch_answer_neither_loses_nor_doubles_a_job(two_sites, ran):
     from scalebox_hpc.siteconfig import load_site
-    from scalebox_hpc.sites.slurm import SchedulerError, SlurmCLI, SSHRunner
+    from scalebox_hpc.sites.slurm import SchedulerError, SlurmCLI
+    from scalebox_hpc.transport import SSHRunner
     from scalebox_hpc.ssh import connect
 
     site = two_sites.b
@@ -307,7 +308,8 @@ def test_mfa_site_through_the_users_control_master(two_sites, tmp_path):
     """With control_path, commands go through the master connection the user opened
     (once, with MFA at a real site): they work while it lives and need no login of
     their own; once it is gone they fail, rather than try to log in."""
-    from scalebox_hpc.sites.slurm import SchedulerError, SlurmCLI, SSHRunner
+    from scalebox_hpc.sites.slurm import SlurmCLI
+    from scalebox_hpc.transport import CommandError, SSHRunner
     from scalebox_hpc.ssh import connect
 
     site = two_sites.a
@@ -326,14 +328,15 @@ def test_mfa_site_through_the_users_control_master(two_sites, tmp_path):
         assert out == ["sbx-cm-test"]
     finally:
         subprocess.run([*master[:1], "-O", "exit", *master[1:]], capture_output=True, timeout=30)
-    with pytest.raises(SchedulerError, match="ssh failed"):
+    with pytest.raises(CommandError, match="ssh failed"):
         slurm.jobs("sbx-")
 
 
 def test_site_behind_a_jump_host(two_sites, tmp_path):
     """Site B reached through site A's login node as a bastion (paramiko direct-tcpip),
     both host keys checked."""
-    from scalebox_hpc.sites.slurm import SlurmCLI, SSHRunner
+    from scalebox_hpc.sites.slurm import SlurmCLI
+    from scalebox_hpc.transport import SSHRunner
     from scalebox_hpc.ssh import HostKeyError, connect
 
     a, b = two_sites.a, two_sites.b

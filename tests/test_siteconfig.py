@@ -5,10 +5,12 @@ import os
 import signal
 import subprocess
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from scalebox_hpc.controller import ControllerSettings
 from scalebox_hpc.errors import ConfigError
 from scalebox_hpc.siteconfig import (
     DatabaseSettings,
@@ -18,10 +20,9 @@ from scalebox_hpc.siteconfig import (
     load_site,
     load_sites,
     local_site,
-    render_worker_script,
-    sbatch_options,
     walltime_seconds,
 )
+from scalebox_hpc.sites.slurm import BatchSite, render_worker_script, sbatch_options
 
 REPO = Path(__file__).resolve().parent.parent
 SITE_CONFIGS = REPO / "site-configs"
@@ -231,7 +232,8 @@ def one_node_site() -> SiteConfig:
 
 def two_node_site() -> SiteConfig:
     return SiteConfig(
-        name="uni", path="", scheduler="slurm", runtime="apptainer",
+        name="uni", path="", scheduler="slurm", runtime="apptainer", scratch_root="/local/$SLURM_JOB_ID",
+        image_cache="/project/images",
         slurm=SlurmSettings(
             partition="gpu", account="astro-lab", qos="normal", walltime="1-00:00:00", nodes=2,
             cpus_per_task=8, mem="32G", gres="gpu:1", gpus="a100:1",
@@ -243,7 +245,7 @@ def two_node_site() -> SiteConfig:
         env={"APPTAINER_CACHEDIR": "/project/cache dir"})
 
 
-WORKER_ARGV = ["/opt/py/bin/python", "-m", "scalebox_hpc", "worker", "--module-id", "7",
+WORKER_ARGV = ["/opt/py/bin/python", "-m", "scalebox_hpc", "worker", "--worker-ids", "7",
                "--scratch", "$TMPDIR"]
 
 
@@ -255,22 +257,75 @@ def render(site, **kwargs) -> str:
     return render_worker_script(site, **kwargs)
 
 
+class CapturingScheduler:
+    """Slurm's place in a BatchSite: keeps the scripts it is given."""
+
+    def __init__(self):
+        self.scripts: list[str] = []
+
+    def submit(self, script: str) -> str:
+        self.scripts.append(script)
+        return str(500 + len(self.scripts))
+
+    def max_array_size(self) -> int:
+        return 1001
+
+
+def submitted_script(site: SiteConfig, tmp_path: Path, workers: int, host: str | None = None) -> str:
+    """The job script the real site code submits for this many worker rows (ids 7, 8, ...)."""
+    site = replace(site, python="/opt/py/bin/python", log_dir="/tmp/sbx golden logs")
+    settings = ControllerSettings(dsn="host=db.example.org dbname=scalebox user=sbx", state_dir=str(tmp_path),
+                                  lease_seconds=20)
+    scheduler = CapturingScheduler()
+    jobs = BatchSite(site, settings, scheduler).launch(list(range(7, 7 + workers)),
+                                                       {"id": 3, "app_id": 12, "name": "calc"}, host=host)
+    assert len(jobs) == workers and len(scheduler.scripts) == 1, (jobs, scheduler.scripts)
+    return scheduler.scripts[0]
+
+
 def check_syntax(script: str, tmp_path: Path) -> None:
     path = tmp_path / "job.sh"
     path.write_text(script)
     subprocess.run(["bash", "-n", str(path)], check=True)
 
 
-@pytest.mark.parametrize("golden, site, kwargs", [
-    ("worker-1node.sbatch", one_node_site, {}),
-    ("worker-2node-array.sbatch", two_node_site, {"array": "0-9%4", "nodelist": "gpu[01-04]"}),
+@pytest.mark.parametrize("golden, site, workers, host", [
+    ("worker-1node.sbatch", one_node_site, 1, None),
+    ("worker-2node-array.sbatch", two_node_site, 20, None),        # an array of 10 two-node jobs
+    ("worker-host.sbatch", two_node_site, 1, "gpu03"),            # HOST-BOUND: one node, that one
 ])
-def test_rendered_script_matches_golden(tmp_path, golden, site, kwargs):
-    script = render(site(), **kwargs)
+def test_submitted_script_matches_golden(tmp_path, golden, site, workers, host):
+    """The script BatchSite.launch hands to sbatch, byte for byte (SBX_UPDATE_GOLDEN=1
+    rewrites the files after a deliberate change: review the diff)."""
+    script = submitted_script(site(), tmp_path, workers, host)
     if os.environ.get("SBX_UPDATE_GOLDEN"):
         (GOLDEN / golden).write_text(script)
     assert script == (GOLDEN / golden).read_text()
     check_syntax(script, tmp_path)
+
+
+def test_submitted_worker_command_is_what_the_worker_command_reads(tmp_path):
+    """The worker line of a submitted job parses back, through 'scalebox-hpc worker's own
+    options, into the launch the site meant."""
+    import shlex
+
+    from scalebox_hpc.cli import worker
+    from scalebox_hpc.sites.launch import WorkerLaunch
+
+    script = submitted_script(two_node_site(), tmp_path, 20)
+    line = next(line for line in script.splitlines() if "scalebox_hpc worker" in line)
+    words = shlex.split(line)
+    assert words[-1] == "&"                  # the job shell waits for it, to pass signals on
+    argv = words[words.index("worker") + 1:-1]
+    options = worker.make_context("worker", argv).params
+    options.pop("log_file"), options.pop("verbose")
+    launch = WorkerLaunch.from_options(**options)
+    assert launch == WorkerLaunch(tuple(range(7, 27)), scratch=two_node_site().scratch_root, lease_seconds=20,
+                                  idle_seconds=two_node_site().pool.idle_seconds,
+                                  walltime_seconds=86400, runtime="apptainer", image_cache="/project/images")
+    assert launch.worker_id({"SLURM_ARRAY_TASK_ID": "9", "SLURM_JOB_NUM_NODES": "2", "SLURM_PROCID": "1"}) == 26
+    with pytest.raises(ValueError, match="no worker id for index 20"):
+        launch.worker_id({"SLURM_ARRAY_TASK_ID": "10", "SLURM_JOB_NUM_NODES": "2"})
 
 
 def test_sbatch_options_quote_values_and_reject_line_breaks():

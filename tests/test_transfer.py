@@ -59,8 +59,8 @@ def _make_small_tree(root: Path, count: int) -> None:
     (root / ("long-" * 12) / "é" / ("name-" * 15)).write_bytes(b"pax")
 
 
-def _target(inbox: Path, settings: ssh.SSHSettings | None) -> dict:
-    return {"inbox": str(inbox), "python": sys.executable, "ssh": settings.as_dict() if settings else None}
+def _target(inbox: Path, settings: ssh.SSHSettings | None) -> transfer.ForwardTarget:
+    return transfer.ForwardTarget("test", inbox=str(inbox), python=sys.executable, ssh=settings)
 
 
 @pytest.fixture(scope="module")

@@ -34,14 +34,13 @@ import signal
 import subprocess
 import time
 
-from ..errors import ScaleboxError
-from ..states import Code
+from ..errors import ScaleboxError, last_line
+from ..states import CONTAINER_RUNTIMES, Code
 from .base import ProgramResult, utcnow
 from .host import HostRuntime
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("apptainer", "singularity")
 REMOTE_IMAGE = re.compile(r"^(docker|oras|library|shub|https?)://")
 CONTAINER_WORK = "/work"
 CONTAINER_CODE = "/app/bin"
@@ -73,7 +72,7 @@ def find_runtime(wanted: str | None) -> str | None:
     """Path of the container binary: the site's choice, else whichever is on PATH."""
     if wanted == "host":
         return None
-    for name in ([wanted] if wanted else RUNTIMES):
+    for name in ([wanted] if wanted else CONTAINER_RUNTIMES):
         path = shutil.which(name)
         if path:
             return path
@@ -129,7 +128,7 @@ def pull_image(binary: str, uri: str, cache_dir: str, *, timeout: float) -> str:
             raise ImageError(f"pulling {uri} took longer than {timeout:g} s") from None
         if proc.returncode != 0 or not os.path.exists(partial):
             _remove(partial)
-            raise ImageError(f"cannot pull {uri}: {_last_line(proc.stderr or proc.stdout)}")
+            raise ImageError(f"cannot pull {uri}: {last_line(proc.stderr or proc.stdout, prefer='FATAL')}")
         os.replace(partial, final)
     return final
 
@@ -139,13 +138,6 @@ def _remove(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    # Apptainer's reason is on its FATAL line; fall back to the last one.
-    fatal = [line for line in lines if "FATAL" in line]
-    return (fatal or lines or ["no output"])[-1]
 
 
 class ContainerRuntime(HostRuntime):
@@ -220,7 +212,7 @@ class ContainerRuntime(HostRuntime):
         except subprocess.TimeoutExpired:
             raise ImageError(f"instance start of {self.image} took longer than {self.pull_timeout:g} s") from None
         if proc.returncode != 0:
-            raise ImageError(f"cannot start an instance of {self.image}: {_last_line(proc.stderr)}")
+            raise ImageError(f"cannot start an instance of {self.image}: {last_line(proc.stderr, prefer='FATAL')}")
         self.instance_up = True
         log.info("instance %s of %s started", self.name, self.image)
 

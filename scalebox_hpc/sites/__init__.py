@@ -2,17 +2,27 @@
 
 A site kind is one small class: ``launch`` starts workers for rows the controller
 already created in the database, ``dead`` tells which of the site's live workers are
-known to be gone (faster than waiting for their leases to expire). Slurm and remote
-sites implement the same two calls.
+known to be gone (faster than waiting for their leases to expire). The local site
+(local.py) and Slurm sites (slurm/), on this machine or over SSH, implement the same
+calls; all of them start workers with the command line of ``launch.WorkerLaunch``, and
+``forward_target`` is what other sites' workers need to send files here.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..db.rows import LiveWorker
+
+if TYPE_CHECKING:                       # a worker imports sites.launch: keep paramiko and jinja2 out of it
+    from ..siteconfig import SiteConfig
+    from ..transfer import ForwardTarget
 
 
 class Site:
     name: str
     kind: str
+    #: the site's config file (None: the built-in local site)
+    config: SiteConfig | None = None
     #: how long a new worker may take to register before it is declared lost
     start_timeout: float = 60.0
     #: OK or DEGRADED, and why
@@ -49,22 +59,22 @@ class Site:
     def close(self) -> None:
         pass
 
-
-def site_record(site: Site) -> dict:
-    """What workers elsewhere need to forward data to this site (the sites table's
-    config column): its inbox, its python and how to reach its login node."""
-    config = getattr(site, "config", None)
-    if config is None:
-        return {}
-    return {"inbox": config.inbox, "python": config.python,
-            "ssh": config.ssh.as_dict() if config.ssh else None}
+    def forward_target(self) -> ForwardTarget:
+        """What workers elsewhere need to forward files to this site (stored in the
+        sites table): its inbox, its python and how to reach its login node."""
+        from ..transfer import ForwardTarget
+        config = self.config
+        if config is None:
+            return ForwardTarget(self.name)
+        return ForwardTarget(self.name, inbox=config.inbox, python=config.python, ssh=config.ssh)
 
 
 def make_sites(settings) -> dict[str, Site]:
     """The built-in local site plus every site config in the sites directory."""
     from ..siteconfig import load_sites
+    from ..transport import SSHRunner
     from .local import LocalSite
-    from .slurm import BatchSite, SlurmCLI, SSHRunner
+    from .slurm import BatchSite, SlurmCLI
 
     sites: dict[str, Site] = {"local": LocalSite(settings)}
     for name, config in load_sites(settings.sites_dir).items() if settings.sites_dir else ():

@@ -5,10 +5,10 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 from . import LiveWorker, Site
+from .launch import WorkerLaunch
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +42,12 @@ class LocalSite(Site):
         # 'host' can only be this machine: the controller asks gone_hosts() first.
         self.logdir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, SCALEBOX_DSN=self.settings.dsn)
+        config = self.config
+        scratch = config.scratch_root if config and config.scratch_root else self.settings.scratch_root
         for wid in worker_ids:
-            scratch = self.config.scratch_root if self.config and self.config.scratch_root \
-                else self.settings.scratch_root
-            argv = [sys.executable, "-m", "scalebox_hpc", "worker", "--worker-ids", str(wid), "--scratch", scratch,
-                    "--lease-seconds", str(self.settings.lease_seconds),
-                    "--idle-seconds", str(self.settings.idle_seconds)]
-            if self.config is not None and self.config.runtime:
-                argv += ["--runtime", self.config.runtime]
-            if self.config is not None and self.config.image_cache:
-                argv += ["--image-cache", self.config.image_cache]
+            argv = WorkerLaunch((wid,), scratch=scratch, lease_seconds=self.settings.lease_seconds,
+                                idle_seconds=self.settings.idle_seconds, runtime=config.runtime if config else None,
+                                image_cache=config.image_cache if config else None).argv()
             with open(self.logdir / f"worker-{wid}.log", "ab") as logf:
                 # A session of its own: workers outlive a controller restart or a Ctrl-C.
                 self.procs[wid] = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=logf,

@@ -1,222 +1,31 @@
-"""Slurm sites: pools of long-lived worker jobs submitted with sbatch.
+"""A Slurm site's pool policy: how many worker jobs to submit and when, and which of
+them are gone.
 
-Two layers, as in dask-jobqueue: ``SlurmCLI`` knows Slurm's commands and output
-formats (a PBS site would add one such class), ``BatchSite`` knows pools: it renders
-worker job scripts, rate-limits submissions, marks the site degraded after repeated
-failures, and tells the controller which workers' jobs are gone, from one queue
-query per site per poll interval whatever the number of jobs.
+``BatchSite`` turns the controller's worker rows into job scripts (jobscript.py) and
+sends them through the scheduler adapter (scheduler.py): arrays when many, within the
+per-minute submission rate and the queued-jobs cap; it marks the site DEGRADED after
+repeated failures and probes it again on a backoff, and tells the controller which
+workers' jobs are gone from one squeue per site per poll interval, whatever the number
+of jobs (the two layers of dask-jobqueue: a PBS site would swap the adapter, not this).
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
-import re
-import shlex
-import subprocess
-import sys
 import time
-import uuid
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from psycopg.conninfo import conninfo_to_dict
-
-from ..errors import ConfigError, ScaleboxError
-from ..siteconfig import render_worker_script, walltime_seconds
-from ..worker import DRAIN_MARGIN
-from . import LiveWorker, Site
+from ...backoff import Backoff
+from ...siteconfig import walltime_seconds
+from ...transport import CommandError, TransportError
+from .. import LiveWorker, Site
+from ..launch import DRAIN_MARGIN, WorkerLaunch
+from .jobscript import render_worker_script, worker_dsn
+from .scheduler import Job, SchedulerError, SlurmCLI
 
 log = logging.getLogger(__name__)
-
-
-class SchedulerError(ScaleboxError):
-    """A batch system command failed."""
-
-
-def _command_failed(argv: list[str], status: int, out: str, err: str, where: str = "") -> SchedulerError:
-    """A scheduler command's non-zero exit, with the last line it said."""
-    detail = (err or out).strip().splitlines()
-    return SchedulerError(f"{shlex.join(argv[:2])} failed{where} (exit {status}): "
-                          f"{detail[-1] if detail else 'no output'}")
-
-
-class LocalRunner:
-    """Runs the scheduler's commands on this machine (a remote site runs them over SSH)."""
-
-    def __init__(self, env: dict[str, str] | None = None, timeout: float = 60.0):
-        self.env = env
-        self.timeout = timeout
-        self.calls: dict[str, int] = {}          # command -> how many times (benchmarks read it)
-
-    def __call__(self, argv: list[str], input: str | None = None) -> str:
-        self.calls[argv[0]] = self.calls.get(argv[0], 0) + 1
-        try:
-            proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=self.timeout,
-                                  env=self.env)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise SchedulerError(f"{argv[0]}: {exc}") from exc
-        if proc.returncode != 0:
-            raise _command_failed(argv, proc.returncode, proc.stdout, proc.stderr)
-        return proc.stdout
-
-
-class TransportError(SchedulerError):
-    """The way to the site failed (not the command). ``unsure``: the command may have run."""
-
-    def __init__(self, message: str, unsure: bool, host_key: bool = False):
-        super().__init__(message)
-        self.unsure = unsure
-        self.host_key = host_key      # an unknown or changed host key: it will not heal by itself
-
-
-class SSHRunner:
-    """Runs the scheduler's commands on a site's login node over one reused SSH connection."""
-
-    def __init__(self, connection, timeout: float = 60.0):
-        self.connection = connection
-        self.timeout = timeout
-        self.calls: dict[str, int] = {}
-
-    def __call__(self, argv: list[str], input: str | None = None) -> str:
-        from ..ssh import HostKeyError, SSHError
-        self.calls[argv[0]] = self.calls.get(argv[0], 0) + 1
-        try:
-            status, out, err = self.connection.run(argv, input.encode() if input else None, self.timeout)
-        except SSHError as exc:
-            raise TransportError(str(exc), unsure=exc.sent, host_key=isinstance(exc, HostKeyError)) from None
-        if status != 0:
-            raise _command_failed(argv, status, out, err, f" on {self.connection.settings.host}")
-        return out
-
-    def close(self) -> None:
-        self.connection.close()
-
-
-@dataclass
-class Job:
-    id: str
-    name: str
-    state: str
-
-
-class SlurmCLI:
-    """Slurm through its command-line tools."""
-
-    ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING",
-              "SIGNALING", "STAGE_OUT", "REQUEUE_HOLD", "REQUEUE_FED"}
-    # Node states (sinfo %T, prefixes: drained, draining, failing ...) that take no new job.
-    UNUSABLE = ("down", "drain", "fail", "inval")
-    # What sbatch says when a --nodelist job can never run on that node.
-    NODE_REFUSALS = ("Invalid node name specified", "Requested node configuration is not available")
-
-    def __init__(self, runner=None):
-        self.run = runner or LocalRunner()
-
-    def submit(self, script: str) -> str:
-        # The comment marks this very submission: if the connection drops while sbatch
-        # runs, the queue tells whether it went in, so it is neither lost nor made twice.
-        token = f"sbx-{uuid.uuid4().hex[:20]}"
-        try:
-            out = self.run(["sbatch", "--parsable", f"--comment={token}"], input=script).strip()
-        except TransportError as exc:
-            if not exc.unsure:
-                raise
-            job_id = self._submitted(token, exc)
-            log.warning("sbatch's answer was lost (%s); the queue shows it submitted job %s", exc, job_id)
-            return job_id
-        job_id = out.split(";")[0]               # "ID" or "ID;cluster"
-        if not re.fullmatch(r"\d+", job_id):
-            raise SchedulerError(f"sbatch answered {out!r}, not a job id")
-        return job_id
-
-    def _submitted(self, token: str, cause: Exception, tries: int = 4) -> str:
-        """The job sbatch made with this comment, asked of the queue after a lost answer.
-        Raises SchedulerError when it is not there (nothing was submitted)."""
-        for attempt in range(tries):
-            time.sleep(min(8.0, 1.0 * 2 ** attempt))
-            try:
-                out = self.run(["squeue", "--me", "-h", "-t", "all", "-o", "%A|%k"])
-            except TransportError:
-                continue
-            for line in out.splitlines():
-                job, _, comment = line.strip().partition("|")
-                if comment == token:
-                    return job
-            raise SchedulerError(f"{cause}; no job with comment {token} is in the queue, so nothing was submitted")
-        # Whether it went in is unknown: if it did, its workers find their rows released and leave.
-        raise SchedulerError(f"{cause}; the queue could not be asked whether it was submitted")
-
-    def jobs(self, name_prefix: str) -> dict[str, Job]:
-        """Our active jobs, array elements one by one (``-r``), in one squeue call."""
-        out = self.run(["squeue", "--me", "-h", "-r", "-o", "%i|%j|%T"])
-        found = {}
-        for line in out.splitlines():
-            parts = line.strip().split("|")
-            if len(parts) == 3 and parts[1].startswith(name_prefix):
-                found[parts[0]] = Job(*parts)
-        return found
-
-    def cancel(self, job_ids: list[str]) -> None:
-        if job_ids:
-            self.run(["scancel", *job_ids])
-
-    def partition(self, name: str | None) -> str:
-        """A partition's state and nodes ('UP, nodes n[1-2]'); None: the default one.
-        Raises SchedulerError when it does not exist or is not up."""
-        out = self.run(["scontrol", "show", "-o", "partition", *([name] if name else [])])
-        for line in out.splitlines():
-            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
-            if (name and fields.get("PartitionName") == name) or (not name and fields.get("Default") == "YES"):
-                state = fields.get("State", "?")
-                summary = f"{fields.get('PartitionName')} {state}, nodes {fields.get('Nodes', '?')}, " \
-                          f"time limit {fields.get('MaxTime', '?')}"
-                if state != "UP":
-                    raise SchedulerError(f"partition {summary}: not UP")
-                return summary
-        raise SchedulerError(f"partition {name or '(default)'} not found")
-
-    def nodes(self, partition: str | None) -> dict[str, tuple[str, str]]:
-        """The nodes of a partition (None: the default one) as {name: (state, reason)}, in
-        one sinfo call; empty when there is no such partition."""
-        out = self.run(["sinfo", "-h", "-N", "-o", "%N|%P|%T|%E"])
-        found = {}
-        for line in out.splitlines():
-            parts = line.strip().split("|", 3)
-            if len(parts) != 4:
-                continue
-            node, part, state, reason = parts
-            if (part.rstrip("*") == partition) if partition else part.endswith("*"):
-                found[node] = (state, "" if reason == "none" else reason)
-        return found
-
-    @classmethod
-    def node_unusable(cls, state: str) -> bool:
-        """Whether a node in this sinfo state takes no new job ('idle*', not responding
-        yet, still may: Slurm marks it down itself after SlurmdTimeout)."""
-        return any(re.sub(r"[^a-z_]", "", word).startswith(cls.UNUSABLE) for word in state.lower().split("+"))
-
-    @classmethod
-    def refuses_node(cls, message: str) -> bool:
-        return any(text in message for text in cls.NODE_REFUSALS)
-
-    def max_array_size(self) -> int:
-        out = self.run(["scontrol", "show", "config"])
-        m = re.search(r"^\s*MaxArraySize\s*=\s*(\d+)", out, re.M)
-        return int(m.group(1)) if m else 1001
-
-
-def worker_dsn(config, controller_dsn: str) -> str:
-    """The database address a site's workers use: the site's own (as seen from its
-    compute nodes), else the controller's. It goes into job scripts, so it must hold no
-    password: that belongs in a passfile or a libpq service."""
-    db = config.database
-    dsn = db.dsn or (f"service={db.service}" if db.service else controller_dsn)
-    if "password" in conninfo_to_dict(dsn):
-        raise ConfigError("the database address for this site's workers holds a password, which would "
-                          "end up in job scripts: set database.passfile or database.service in the site config",
-                          file=config.path or None, key="database")
-    return dsn
 
 
 class BatchSite(Site):
@@ -239,6 +48,7 @@ class BatchSite(Site):
         self.start_timeout = BatchSite.start_timeout
         self.recent: deque[float] = deque()      # submission times in the last minute
         self.failures = 0
+        self.degraded_backoff = Backoff(30.0, 600.0)   # between probes while DEGRADED
         self.retry_at = 0.0
         self.status, self.reason = "OK", None
         self.snapshot: dict[str, Job] | None = None
@@ -315,8 +125,7 @@ class BatchSite(Site):
             self.failures = max(self.failures, self.FAILURES_TO_DEGRADE - 1)
         self.failures += 1
         if self.failures >= self.FAILURES_TO_DEGRADE:
-            backoff = min(600.0, 30.0 * 2 ** (self.failures - self.FAILURES_TO_DEGRADE))
-            self.retry_at = time.monotonic() + backoff
+            self.retry_at = time.monotonic() + self.degraded_backoff.failed()
             if self.status != "DEGRADED":
                 log.error("site %s DEGRADED after %d failed submissions: %s", self.name, self.failures, exc)
             self.status, self.reason = "DEGRADED", f"{self.failures} submissions failed in a row; last: {exc}"
@@ -325,29 +134,24 @@ class BatchSite(Site):
         if self.status == "DEGRADED":
             log.info("site %s works again", self.name)
         self.failures, self.status, self.reason = 0, "OK", None
+        self.degraded_backoff.reset()
 
     # -- submission -----------------------------------------------------------------------
     def max_array_size(self) -> int:
         if self._max_array is None:
             try:
                 self._max_array = self.scheduler.max_array_size()
-            except SchedulerError:
+            except CommandError:
                 return 1001
         return self._max_array
 
-    def worker_argv(self, worker_ids: list[int]) -> list[str]:
-        python = self.config.python or sys.executable
-        argv = [python, "-m", "scalebox_hpc", "worker", "--worker-ids", ",".join(map(str, worker_ids)),
-                "--lease-seconds", f"{self.settings.lease_seconds:g}",
-                "--idle-seconds", f"{self.pool.idle_seconds:g}",
-                "--walltime-seconds", str(walltime_seconds(self.config.slurm.walltime))]
-        if self.config.scratch_root:
-            argv += ["--scratch", self.config.scratch_root]
-        if self.config.runtime:
-            argv += ["--runtime", self.config.runtime]
-        if self.config.image_cache:
-            argv += ["--image-cache", self.config.image_cache]
-        return argv
+    def worker_launch(self, worker_ids: list[int]) -> WorkerLaunch:
+        """What the workers of one job are told (one row per node and array element)."""
+        config = self.config
+        return WorkerLaunch(tuple(worker_ids), scratch=config.scratch_root, lease_seconds=self.settings.lease_seconds,
+                            idle_seconds=self.pool.idle_seconds,
+                            walltime_seconds=walltime_seconds(config.slurm.walltime), runtime=config.runtime,
+                            image_cache=config.image_cache)
 
     def worker_env(self) -> dict[str, str]:
         return {**self.config.env, "SCALEBOX_DSN": worker_dsn(self.config, self.settings.dsn)}
@@ -360,9 +164,9 @@ class BatchSite(Site):
         not submitted (the controller releases them)."""
         try:
             self.ensure_log_dir()                   # Slurm writes job output there
-        except (SchedulerError, OSError) as exc:
+        except (CommandError, OSError) as exc:
             if not isinstance(exc, TransportError):
-                exc = SchedulerError(f"cannot create the log directory {self.log_dir}: {exc}")
+                exc = CommandError(f"cannot create the log directory {self.log_dir}: {exc}")
             self._failed(exc)
             self.refusal = str(exc)
             log.error("site %s: %s", self.name, exc)
@@ -383,12 +187,12 @@ class BatchSite(Site):
             array = f"0-{len(group) - 1}" if len(group) > 1 else None
             script = render_worker_script(
                 config, job_name=f"{self.prefix}{module['app_id']}-{module['name']}",
-                worker_argv=self.worker_argv(ids), env=self.worker_env(),
+                worker_argv=self.worker_launch(ids).argv(config.python), env=self.worker_env(),
                 log_dir=self.log_dir, array=array, nodelist=host)
             self.recent.append(time.monotonic())   # failed calls load slurmctld as much
             try:
                 job_id = self.scheduler.submit(script)
-            except SchedulerError as exc:
+            except CommandError as exc:
                 if host and SlurmCLI.refuses_node(str(exc)):
                     # That node's fault, not the site's: gone_hosts() reports it next.
                     self.refusal = self.refused_hosts[host] = f"sbatch refused a job for node {host}: {exc}"
@@ -398,7 +202,7 @@ class BatchSite(Site):
                                                              ("account", self.config.slurm.account),
                                                              ("qos", self.config.slurm.qos)) if v)
                 if not isinstance(exc, TransportError):
-                    exc = SchedulerError(f"{exc}{f' ({where})' if where else ''}")
+                    exc = CommandError(f"{exc}{f' ({where})' if where else ''}")
                 self._failed(exc)
                 self.refusal = str(exc)
                 log.error("site %s: submission for module %s failed: %s", self.name, module["name"], exc)
@@ -439,7 +243,7 @@ class BatchSite(Site):
         self.node_view_at = now
         try:
             self.node_view = self.scheduler.nodes(self.config.slurm.partition)
-        except SchedulerError as exc:
+        except CommandError as exc:
             log.warning("site %s: cannot list nodes: %s", self.name, exc)
             self.node_view = None   # nobody is declared gone on a guess
         return self.node_view
@@ -453,7 +257,7 @@ class BatchSite(Site):
         try:
             self.snapshot = self.scheduler.jobs(self.prefix)
             self.snapshot_at = now
-        except SchedulerError as exc:
+        except CommandError as exc:
             log.warning("site %s: cannot list jobs: %s", self.name, exc)
             if getattr(exc, "host_key", False):
                 self._failed(exc)
@@ -481,5 +285,5 @@ class BatchSite(Site):
         jobs = sorted({w.slurm_job_id for w in workers if w.slurm_job_id})
         try:
             self.scheduler.cancel(jobs)
-        except SchedulerError as exc:
+        except CommandError as exc:
             log.warning("site %s: scancel failed: %s", self.name, exc)
