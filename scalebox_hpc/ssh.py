@@ -18,7 +18,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .errors import ScaleboxError
+from .backoff import Backoff
+from .errors import ScaleboxError, last_line
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class SSHConnection:
         self.jump_client = None
         self.lock = threading.Lock()
         self.failures = 0
+        self.reconnect_backoff = Backoff(2.0, 300.0)   # no login storm against a site that is down
         self.next_try = 0.0
         self.last_error: str | None = None
         self.last_class: type[SSHError] = SSHError
@@ -180,13 +182,14 @@ class SSHConnection:
         except Exception as exc:          # paramiko raises a zoo of exceptions from the jump channel
             error = exc if isinstance(exc, SSHError) else SSHError(f"{self._label()}: cannot connect: {exc}")
             self.failures += 1
-            self.next_try = time.monotonic() + min(300.0, 2.0 * 2 ** min(self.failures - 1, 8))
+            self.next_try = time.monotonic() + self.reconnect_backoff.failed()
             self.last_error, self.last_class = str(error), type(error)
             self._drop()
             raise error from None
         if self.failures:
             log.info("%s: connected again after %d failure(s)", self._label(), self.failures)
         self.failures, self.next_try, self.last_error = 0, 0.0, None
+        self.reconnect_backoff.reset()
         self.connects += 1
         return self.client
 
@@ -302,7 +305,7 @@ class OpenSSHConnection:
                 raise HostKeyError(f"site {self.site} ({self.settings.where}): host key verification failed "
                                    f"against {_expand(self.settings.known_hosts)}")
             raise SSHError(f"site {self.site} ({self.settings.where}): ssh failed: "
-                           f"{err.strip().splitlines()[-1] if err.strip() else 'no message'}", sent=True)
+                           f"{last_line(err, default='no message')}", sent=True)
         return proc.returncode, proc.stdout.decode(errors="replace"), err
 
     def close(self) -> None:

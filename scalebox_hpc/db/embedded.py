@@ -22,7 +22,7 @@ from pathlib import Path
 
 from psycopg.conninfo import make_conninfo
 
-from ..errors import ScaleboxError
+from ..errors import ScaleboxError, last_line
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class EmbeddedPostgres:
                               start_new_session=True, cwd=str(self.base), **kw)
         if check and proc.returncode != 0:
             raise EmbeddedError(f"{prog} failed (exit {proc.returncode}): "
-                                f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]} "
+                                f"{last_line(proc.stderr or proc.stdout)} "
                                 f"(log: {self.logfile})")
         return proc
 
