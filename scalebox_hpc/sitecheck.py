@@ -3,10 +3,10 @@
 For a Slurm site it asks Slurm (squeue, the partition), renders the worker job script,
 and submits a tiny probe job built exactly like a worker job (same #SBATCH lines,
 worker_init, environment, database settings and worker command line, made by the same
-code, with ``--probe``). The probe runs on a compute node, connects to the database the workers would use, writes to
-the scratch directory, and reports back through PostgreSQL (NOTIFY), so the check
-needs no shared file system, and a report that arrives proves the database reachable
-from the node.
+code, with ``--probe``). The probe runs on a compute node, connects to the database
+the workers would use, writes to the scratch directory, and reports back through
+PostgreSQL (NOTIFY), so the check needs no shared file system, and a report that
+arrives proves the database reachable from the node.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import secrets
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import psycopg
 
@@ -88,8 +88,6 @@ def _database_check(dsn: str) -> Check:
 def check_batch(site, dsn: str, *, timeout: float, progress=lambda text: None) -> list[Check]:
     """Slurm commands, partition, job script, then the probe job (unless an earlier
     check already shows it could not work)."""
-    from dataclasses import replace
-
     from .sites.slurm import render_worker_script
 
     checks = [_database_check(dsn)]

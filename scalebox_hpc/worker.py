@@ -143,7 +143,7 @@ class Worker:
         self.module: ModuleDef = ctx.module
         module = self.module
         self.modules, self.module_sites = ctx.modules, ctx.module_sites
-        self.site_records: dict[str, dict] | None = None    # sites table, read at the first forward
+        self.forward_targets: dict | None = None    # site -> transfer.ForwardTarget, read at the first forward
         self.main_router = ctx.main_router
         limit = module.stdout_limit or self.settings.stdout_limit
         self.out = OutputBuffer("stdout", limit)
@@ -546,10 +546,13 @@ class Worker:
         return 0
 
     def _forward_target(self, site: str):
+        """How to reach a site's inbox, from the sites table (read again for a site it
+        did not have: a controller may have added it since)."""
         from .transfer import ForwardTarget
-        if self.site_records is None or site not in self.site_records:
-            self.site_records = self._db(self.queue.site_configs, "read site configs", finishing=True)
-        return ForwardTarget.from_json(site, self.site_records.get(site))
+        if self.forward_targets is None or site not in self.forward_targets:
+            stored = self._db(self.queue.site_configs, "read site configs", finishing=True)
+            self.forward_targets = {name: ForwardTarget.from_json(name, data) for name, data in stored.items()}
+        return self.forward_targets.get(site) or ForwardTarget(site)
 
     def _system_failure(self, result: TaskResult, code: int, note: str, workdir: str, task: ClaimedTask,
                         names: set[str]) -> TaskResult:

@@ -2,8 +2,8 @@
 and ``scalebox-hpc worker``, which parses it back.
 
 Every site builds it through ``WorkerLaunch.argv()`` (a process on this machine, one
-worker per node of a Slurm job, and the job script ``site check`` submits is made by the
-same code, with ``probe`` set), so the flags a site writes and the flags the worker reads cannot drift apart.
+worker per node of a Slurm job, and the probe job of ``site check``, with ``probe``
+set), so the flags a site writes and the flags the worker reads cannot drift apart.
 """
 from __future__ import annotations
 
