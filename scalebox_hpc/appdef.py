@@ -42,8 +42,12 @@ class ModuleDef:
     code_path: str | None = None
     start_tasks: list[str] = field(default_factory=list)
     sink_modules: list[str] = field(default_factory=list)
-    slots: int = 1
+    slots: int = 1                         # most tasks of this module running at once across the app
+    host_slots: dict[str, int] = field(default_factory=dict)   # upstream 'hosts: [h0:4]': per host instead
     min_workers: int = 0
+    task_cpus: int = 1                     # cores each task gets (OMP_NUM_THREADS unless set)
+    task_gpus: int = 0                     # GPUs each task gets, its own (CUDA_VISIBLE_DEVICES ...)
+    task_mem: int | None = None            # MiB of memory each task needs, when it matters
     task_max_seconds: int | None = None
     retry_rules: RetryRules = field(default_factory=RetryRules)
     task_dist_mode: str = "DEFAULT"
@@ -316,6 +320,9 @@ class _AppParser(Checker):
             "sink_modules": lambda e: self.string_list(e, split_commas=True),
             "slots": self.slots,
             "min_workers": lambda e: self.integer(e, 0),
+            "task_cpus": lambda e: self.integer(e, 1),
+            "task_gpus": lambda e: self.integer(e, 0),
+            "task_mem": self.memory,
             "task_max_seconds": lambda e: self.integer(e, 1),
             "retry_rules": lambda e: RetryRules.parse(e.value, file=self.file, key=e.key, line=e.line),
             "task_dist_mode": self.dist_mode,
@@ -336,6 +343,8 @@ class _AppParser(Checker):
         for attr, convert in converters.items():
             if attr in entries:
                 value = convert(entries[attr])
+                if attr == "slots" and isinstance(value, dict):
+                    module.host_slots, value = value, sum(value.values())
                 if value is not None:
                     setattr(module, attr, value)
         if module.min_workers > module.slots:
@@ -394,15 +403,15 @@ class _AppParser(Checker):
             raise self.error(f"cannot read start-task file {path}: {reason}", entry.key, entry.line) from None
         return [line.strip() for line in lines if line.strip()]
 
-    def slots(self, entry: Entry) -> int | None:
+    def slots(self, entry: Entry) -> int | dict[str, int] | None:
         if entry.written != "hosts":
             return self.integer(entry, 1)
-        # Upstream 'hosts: ["h0:4", "h1:2"]': we keep only the total number of slots.
+        # Upstream 'hosts: ["h0:4", "h1:2"]': at most 4 at once on h0 and 2 on h1, nowhere else.
         value = entry.value
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list) or not items:
             raise self.error("expected a list like ['h0:4', 'h1:2']", entry.key, entry.line)
-        total = 0
+        per_host: dict[str, int] = {}
         for item in items:
             text = self.scalar(item, entry).strip()
             host, sep, count = text.rpartition(":")
@@ -411,8 +420,21 @@ class _AppParser(Checker):
             if not host or not count.isdigit() or int(count) < 1:
                 raise self.error(f"invalid host entry '{text}': use HOST or HOST:SLOTS, e.g. 'h0:4'",
                                  entry.key, entry.line)
-            total += int(count)
-        return total
+            per_host[host] = per_host.get(host, 0) + int(count)
+        return per_host
+
+    def memory(self, entry: Entry) -> int | None:
+        """MiB, from a number (MiB) or a size with a unit: 512M, 4G, 1T (Slurm's units)."""
+        value = entry.value
+        if value is None:
+            return None
+        text = str(value).strip().upper().removesuffix("B")
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)", text)
+        if not match or isinstance(value, bool):
+            raise self.error(f"invalid memory size {value!r}: use MiB as a number, or 512M, 4G, 1T",
+                             entry.key, entry.line)
+        scale = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[match.group(2)]
+        return max(1, int(float(match.group(1)) * scale))
 
     def dist_mode(self, entry: Entry) -> str:
         value = (self.text(entry) or "").strip()

@@ -172,6 +172,8 @@ class Worker:
             "APP_ID": str(self.app_id), "MODULE_NAME": self.module_name, "MODULE_ID": str(self.module_id),
             "SITE": self.site, "LOCAL_HOST": self.host, "LOCAL_IP": self.ip, "DATA_DIR": str(self.data_dir),
             **{k: str(v) for k, v in module.environments.items()}})
+        # A threaded program uses the cores its task was given, unless told otherwise.
+        self.base_env.setdefault("OMP_NUM_THREADS", str(module.task_cpus))
 
     def _prepare_runtime(self) -> str | None:
         """Pull the image / start the instance, once; why it failed, or None. After a

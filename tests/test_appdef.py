@@ -107,6 +107,7 @@ def test_directory_path_and_hosts_sum(app_dir):
     """)
     app = load_app(app_dir, environ={})
     assert app.modules["m"].slots == 7
+    assert app.modules["m"].host_slots == {"h0": 4, "h1": 2, "h2": 1}   # per host, as upstream means it
     assert app.modules["m"].task_dist_mode == "DEFAULT"
 
 
@@ -387,3 +388,42 @@ def test_malformed_env_file_stops_load(app_dir):
     write(app_dir / "scalebox.env", "A=1\nnot a line\n")
     msg = error(app_dir, "name: a\nmodules:\n  m:\n    command: ./router.sh\n")
     assert f"{os.path.join(app_dir, 'scalebox.env')}:2:" in msg
+
+
+def test_task_resources(app_dir):
+    write(app_dir / "app.yaml", """
+        name: a
+        modules:
+          plain:
+            command: ./router.sh
+          big:
+            command: ./router.sh
+            task_cpus: 8
+            task_gpus: 2
+            task_mem: 4G
+          mib:
+            command: ./router.sh
+            task_mem: 1500
+    """)
+    app = load_app(app_dir, environ={})
+    plain, big, mib = (app.modules[n] for n in ("plain", "big", "mib"))
+    assert (plain.task_cpus, plain.task_gpus, plain.task_mem) == (1, 0, None)
+    assert (big.task_cpus, big.task_gpus, big.task_mem) == (8, 2, 4096)
+    assert mib.task_mem == 1500
+    assert AppDef.from_json(app.to_json()) == app
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("task_cpus", "0", "task_cpus"),
+    ("task_gpus", "-1", "task_gpus"),
+    ("task_mem", "lots", "invalid memory size 'lots'"),
+])
+def test_bad_task_resources(app_dir, key, value, words):
+    msg = error(app_dir, f"""
+        name: a
+        modules:
+          m:
+            command: ./router.sh
+            {key}: {value}
+    """)
+    assert "app.yaml:5:" in msg and f"modules.m.{key}" in msg and words in msg

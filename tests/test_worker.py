@@ -144,3 +144,24 @@ def test_worker_waits_for_a_database_that_is_down(tmp_path):
         assert query(dsn, "SELECT count(*) FROM tasks WHERE status = 0")[0][0] == 2
     finally:
         server.stop(mode="immediate")
+
+
+def test_task_cpus_sets_omp_num_threads_unless_set(sbx, sbx_env, dsn, tmp_path):
+    app = tmp_path / "omp"
+    (app / "code").mkdir(parents=True)
+    prog = app / "code" / "threads.sh"
+    prog.write_text("#!/bin/sh\necho threads=$OMP_NUM_THREADS\n")
+    prog.chmod(0o755)
+    (app / "app.yaml").write_text(
+        "name: omp\n"
+        "modules:\n"
+        "  four:\n    base_image: host\n    code_path: ./code\n    command: ./threads.sh\n    task_cpus: 4\n"
+        "  told:\n    base_image: host\n    code_path: ./code\n    command: ./threads.sh\n    task_cpus: 4\n"
+        "    environments: [OMP_NUM_THREADS=1]\n")
+    app_id = json.loads(sbx("submit", "--json", app, check=0).stdout)["id"]
+    for module in ("four", "told"):
+        sbx("task", "add", app_id, module, "t", check=0)
+    run_controller_until_done(sbx_env, dsn, app_id)
+    rows = dict(query(dsn, "SELECT m.name, e.stdout FROM task_exec e JOIN tasks t ON t.id = e.task_id "
+                           "JOIN modules m ON m.id = t.module_id WHERE t.app_id = %s", app_id))
+    assert rows == {"four": "threads=4\n", "told": "threads=1\n"}

@@ -14,7 +14,8 @@ from datetime import datetime, timezone
 # Variables a task's program gets from the worker (a container starts from a clean
 # environment with exactly these, plus the module's 'environments').
 TASK_VARIABLES = frozenset({"WORK_DIR", "DATA_DIR", "APP_ID", "MODULE_NAME", "MODULE_ID", "TASK_ID", "ATTEMPT",
-                            "SITE", "LOCAL_HOST", "LOCAL_IP", "SLURM_JOB_ID", "SCALEBOX_BODY_FILE"})
+                            "SITE", "LOCAL_HOST", "LOCAL_IP", "SLURM_JOB_ID", "SCALEBOX_BODY_FILE",
+                            "OMP_NUM_THREADS"})
 
 
 def utcnow() -> datetime:
