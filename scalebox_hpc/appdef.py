@@ -430,7 +430,7 @@ class _AppParser(Checker):
             return None
         text = str(value).strip().upper().removesuffix("B")
         match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)", text)
-        if not match or isinstance(value, bool):
+        if not match:
             raise self.error(f"invalid memory size {value!r}: use MiB as a number, or 512M, 4G, 1T",
                              entry.key, entry.line)
         scale = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[match.group(2)]

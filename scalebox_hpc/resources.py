@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 #: The variables that restrict a program to its GPUs, for each vendor's runtime.
 GPU_VARIABLES = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ZE_AFFINITY_MASK")
-_CPUS_PER_NODE = re.compile(r"(\d+)(?:\(x(\d+)\))?")
+_CPUS_PER_NODE = re.compile(r"\d+")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def _device_list(value: str | None) -> tuple[str, ...] | None:
 def _first_node_cpus(value: str) -> int | None:
     """SLURM_JOB_CPUS_PER_NODE ('64(x2),32'): the count of the first node group."""
     match = _CPUS_PER_NODE.match(value.strip())
-    return int(match.group(1)) if match else None
+    return int(match.group()) if match else None
 
 
 def node_resources(environ: Mapping[str, str], *, cpus: int | None = None, gpus: Sequence[str] | None = None,
@@ -62,10 +62,13 @@ def node_resources(environ: Mapping[str, str], *, cpus: int | None = None, gpus:
             devices = _device_list(environ.get(name))
             if devices is not None:
                 break
-        mem = environ.get("SLURM_MEM_PER_NODE")
-        per_cpu = environ.get("SLURM_MEM_PER_CPU")
-        memory = int(mem) if mem and mem.isdigit() and int(mem) > 0 else \
-            int(per_cpu) * (n or 1) if per_cpu and per_cpu.isdigit() else None
+        # SLURM_MEM_PER_NODE=0 means "all of the node": then only a per-CPU figure says more.
+        mem, per_cpu = environ.get("SLURM_MEM_PER_NODE", ""), environ.get("SLURM_MEM_PER_CPU", "")
+        memory = None
+        if mem.isdigit() and int(mem) > 0:
+            memory = int(mem)
+        elif per_cpu.isdigit():
+            memory = int(per_cpu) * (n or 1)
         return NodeResources(cpus=max(1, n or cpus or os.cpu_count() or 1), gpus=devices or (), mem_mb=memory,
                              source=f"Slurm job {environ['SLURM_JOB_ID']}")
     if gpus is None:
