@@ -285,13 +285,16 @@ def controller(ctx, once):
 @click.option("--runtime", type=click.Choice(RUNTIMES),
               help="Container runtime for modules with an image (default: whichever is on PATH).")
 @click.option("--image-cache", help="Directory for pulled images (default: under the scratch root).")
+@click.option("--cpus", type=click.IntRange(1), help="Outside Slurm: the cores this pilot uses (default: all).")
+@click.option("--gpus", type=click.IntRange(0), help="Outside Slurm: the GPUs this pilot uses, ids 0..N-1.")
 @click.option("--probe", metavar="CHANNEL", hidden=True,
               help="Run the probe of 'site check' (report to CHANNEL) instead of working.")
 @click.option("--log-file", type=click.Path(dir_okay=False))
 @click.option("-v", "--verbose", count=True)
 @click.pass_context
 def worker(ctx, log_file, verbose, **options):
-    """Claim and run tasks of one module (started by the controller, not by hand).
+    """Run a pilot: tasks of its app's modules, as many at once as its cores and GPUs
+    hold (started by the controller, not by hand).
 
     Its options are what sites write through sites.launch.WorkerLaunch."""
     from .sites.launch import WorkerLaunch
@@ -315,7 +318,9 @@ def worker(ctx, log_file, verbose, **options):
                               idle_seconds=launch.idle_seconds,
                               runtime=launch.runtime or os.environ.get("SCALEBOX_RUNTIME"),
                               image_cache=launch.image_cache or os.environ.get("SCALEBOX_IMAGE_CACHE"),
-                              pull_timeout=config.env_float("SCALEBOX_PULL_TIMEOUT", 900.0))
+                              pull_timeout=config.env_float("SCALEBOX_PULL_TIMEOUT", 900.0),
+                              cpus=launch.cpus,
+                              gpus=None if launch.gpus is None else tuple(map(str, range(launch.gpus))))
     settings.job_end = job_end_time(os.environ, launch.walltime_seconds)
     sys.exit(Worker(dsn, worker_id, settings).run())
 

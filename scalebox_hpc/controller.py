@@ -135,9 +135,13 @@ class Controller:
         self._size_host_pools(report, held_back)
 
     def _size_module_pools(self, report: dict) -> set[int]:
-        """Workers anywhere on each module's site, for the tasks any worker may take.
-        Returns the modules that get no new worker now (failing, or backing off)."""
+        """Pilots for each app on each site, sized in resources: the cores (and GPUs) its
+        modules' ready and held tasks need, each module within its slots, against what
+        the app's pilots there have (one pilot has the site's pilot_cpus). A new pilot's
+        home is the module with most unmet work: its failures are that module's. Returns
+        the modules that get no new worker now (failing, or backing off)."""
         held_back: set[int] = set()
+        groups: dict[tuple[int, str], list] = {}
         for m in self.pools.module_demand(ready_cap=1000):
             if m.worker_failures >= MAX_WORKER_FAILURES:
                 # A module whose workers keep failing fails its app instead of looping forever.
@@ -149,26 +153,39 @@ class Controller:
                     report["failed"].append(m.app_id)
                 continue
             # The last start failed a moment ago: do not hammer the site.
-            backing_off = m.worker_failures and m.last_failure is not None and \
-                time.time() - m.last_failure.timestamp() < FAILURE_BACKOFF_SECONDS
-            if backing_off:
+            if m.worker_failures and m.last_failure is not None and \
+                    time.time() - m.last_failure.timestamp() < FAILURE_BACKOFF_SECONDS:
                 held_back.add(m.id)
-            wanted = min(m.slots, m.ready) if m.ready else 0
-            wanted = max(wanted, min(m.min_workers, m.slots))
-            if m.live >= wanted or backing_off:
-                continue
-            site = self.sites.get(m.site)
-            if site is None:
+            if m.site not in self.sites:
                 msg = f"module {m.name}: unknown site '{m.site}' (known: {', '.join(sorted(self.sites))})"
                 if self.apps.set_app_status(m.app_id, AppStatus.FAILED, [AppStatus.RUNNING], msg):
                     report["failed"].append(m.app_id)
                 continue
-            site_live, site_pending = self.site_load.get(m.site, (0, 0))
-            n = site.admit(wanted - m.live, site_live, site_pending)
+            groups.setdefault((m.app_id, m.site), []).append(m)
+        for (_app_id, site_name), modules in groups.items():
+            site = self.sites[site_name]
+            n = self._pilots_wanted(site, modules)
+            live = sum(m.live for m in modules)
+            if n <= live or any(m.id in held_back for m in modules):
+                continue
+            site_live, site_pending = self.site_load.get(site_name, (0, 0))
+            n = site.admit(n - live, site_live, site_pending)
             if n > 0:
-                module = {"id": m.id, "name": m.name, "app_id": m.app_id}
-                report["started"] += self._start_workers(m.site, module, n)
+                home = max(modules, key=lambda m: (min(m.slots, m.ready) * m.task_cpus, -m.id))
+                module = {"id": home.id, "name": home.name, "app_id": home.app_id}
+                report["started"] += self._start_workers(site_name, module, n)
         return held_back
+
+    @staticmethod
+    def _pilots_wanted(site: Site, modules: list) -> int:
+        """How many pilots an app's modules on one site want: enough cores and GPUs for
+        their ready and held tasks within each module's slots, at least min_workers."""
+        cpus = sum(min(m.slots, m.ready + m.held) * max(1, m.task_cpus) for m in modules)
+        gpus = sum(min(m.slots, m.ready + m.held) * m.task_gpus for m in modules)
+        n = -(-cpus // max(1, site.pilot_cpus))
+        if gpus and site.pilot_gpus:
+            n = max(n, -(-gpus // site.pilot_gpus))
+        return max(n, max(min(m.min_workers, m.slots) for m in modules))
 
     def _size_host_pools(self, report: dict, held_back: set[int]) -> None:
         """HOST-BOUND modules: ready tasks with a to_host need a worker on that host. Each

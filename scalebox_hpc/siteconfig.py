@@ -84,6 +84,8 @@ class SiteConfig:
     log_dir: str | None = None         # worker job output (on the site); None: the controller's
     python: str | None = None          # None: the controller's sys.executable
     template: str | None = None        # absolute path of an override template
+    cpus: int | None = None            # cores of one pilot (worker job node); None: local all, Slurm's say
+    gpus: int | None = None            # GPUs of one pilot outside Slurm (ids 0..n-1); None: none
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
     pool: PoolSettings = field(default_factory=PoolSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
@@ -157,6 +159,9 @@ class _SiteParser(Checker):
                                  "site's nodes", key, entries[key].line)
         if "template" in entries:
             site.template = self.template(entries["template"])
+        for key, least in (("cpus", 1), ("gpus", 0)):
+            if key in entries:
+                setattr(site, key, self.integer(entries[key], least))
         if "env" in entries:
             site.env = self.env(entries["env"])
         if "ssh" in entries:

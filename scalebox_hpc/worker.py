@@ -1,10 +1,16 @@
-"""The worker: claims tasks of one module in batches and runs its program per task.
+"""The worker: a pilot, one process per node of a worker job, that runs as many tasks
+at once as its cores, GPUs and memory hold, of every module of its app on its site.
 
 The loop knows no SQL (see db/queue.py). Its life:
-register -> setup hook -> [check hook -> claim batch -> run each task -> commit results]*
--> idle timeout, drain signal or app end -> return unstarted tasks -> teardown -> exit.
-A heartbeat thread renews the worker's lease; if the controller declared the worker
-lost, the thread kills the running program and the worker stops without committing.
+register (with what the node has) -> setup hooks -> [pick modules for the free lanes
+(policy.plan) -> one claim for all of them -> lanes run their tasks -> commit the
+results together]* -> idle timeout, drain signal or app end -> running tasks finish,
+unstarted ones go back -> teardown hooks -> exit.
+A lane is one place a task runs (its own WORK_DIR, output buffers and runtimes), in a
+thread of its own; the main thread alone talks to the database, and a heartbeat
+thread on a second connection renews the pilot's lease. If the controller declared the
+pilot lost, the heartbeat kills every running program and the pilot stops without
+committing.
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ from .db.rows import ClaimedTask, Message, TaskResult
 from .errors import DatabaseUnavailable, TaskFileError, first_line
 from . import taskfiles
 from .appdef import ModuleDef
+from .policy import Budget, Candidate, plan, stages
+from .resources import NodeResources, gpu_environment, node_resources
 from .sites.launch import DRAIN_MARGIN
 from .runtimes import ImageError, OutputBuffer, ProgramResult, RuntimePlace, runtime_for, utcnow
 from .states import AppStatus, Code, WorkerStatus
@@ -56,6 +64,9 @@ class WorkerSettings:
     runtime: str | None = None        # the site's container binary: apptainer, singularity, host; None: any on PATH
     image_cache: str | None = None    # where pulled images go (default: under scratch_root)
     pull_timeout: float = 900.0
+    cpus: int | None = None           # outside Slurm: the cores to use (None: all of the machine)
+    gpus: tuple[str, ...] | None = None   # outside Slurm: the GPU ids to use (None: CUDA_VISIBLE_DEVICES)
+    mem_mb: int | None = None         # outside Slurm: the memory to count (None: not counted)
 
 
 def slurm_job_id(environ) -> str | None:
@@ -112,68 +123,94 @@ def _host_ip() -> tuple[str, str]:
     return host, ip
 
 
-class Worker:
-    def __init__(self, dsn: str, worker_id: int, settings: WorkerSettings):
-        self.worker_id = worker_id
-        self.settings = settings
-        self.database = Database(dsn, async_commit=True)
-        self.queue = Queue(self.database)
-        self.host, self.ip = _host_ip()
-        self.slurm_job_id = slurm_job_id(os.environ)
-        self.draining = threading.Event()   # finish the current task, return the rest
-        self.stopped = threading.Event()    # lost or cancelled: stop now, commit nothing more
-        self.stop_reason = ""               # why it stopped, in words (the worker row's message)
-        self.app_status: str | None = None  # the app's state, once it is no longer RUNNING
-        self.lost = False                   # the controller declared this worker lost
-        self.terminated = False
-        self.current: tuple[int, float] | None = None   # (task id, monotonic start) while a program runs
-        self.pending: list[TaskResult] = []
-        self.pending_since = 0.0
-        self.failed_workdirs = 0
-        self.avg_seconds = 1.0
-        self.longest_seconds = 0.0
-        # How long to keep trying an unreachable database before giving up.
-        self.patience = max(60.0, 10 * settings.lease_seconds)
 
-    # -- setup ---------------------------------------------------------------------
-    def _load_module(self, module_id: int) -> None:
-        ctx = self.queue.module_context(module_id)
+
+class ModuleState:
+    """What a pilot knows of one module it serves: read once, shared by its lanes."""
+
+    def __init__(self, ctx, settings: WorkerSettings, host: str, ip: str, forward_targets: dict):
         self.module_id, self.app_id, self.module_name, self.site = ctx.module_id, ctx.app_id, ctx.name, ctx.site
         self.host_bound = ctx.host_bound
         self.module: ModuleDef = ctx.module
-        module = self.module
-        self.modules, self.module_sites = ctx.modules, ctx.module_sites
-        self.forward_targets: dict | None = None    # site -> transfer.ForwardTarget, read at the first forward
-        self.main_router = ctx.main_router
-        limit = module.stdout_limit or self.settings.stdout_limit
-        self.out = OutputBuffer("stdout", limit)
-        self.err = OutputBuffer("stderr", limit)
-        self.max_batch = module.task_batch_size or self.settings.max_batch
-        if module.idle_seconds is not None:
-            self.settings.idle_seconds = module.idle_seconds
-        self.scratch = Path(self.settings.scratch_root) / f"worker-{self.worker_id}"
-        self.scratch.mkdir(parents=True, exist_ok=True)
-        self.workdir = str(self.scratch / "work")
-        self.workdir_ready = os.path.isdir(self.workdir) and not os.listdir(self.workdir)
+        self.modules, self.module_sites, self.main_router = ctx.modules, ctx.module_sites, ctx.main_router
+        self.forward_targets = forward_targets       # site -> transfer.ForwardTarget
+        self.max_batch = self.module.task_batch_size or settings.max_batch
+        self.stage = 0
         # Files a task hands to the next module on the same node (with a to_host header)
         # live here: per app and node, shared by the app's workers there, outliving tasks.
-        self.data_dir = Path(self.settings.scratch_root) / "scalebox-data" / f"app-{self.app_id}"
+        self.data_dir = Path(settings.scratch_root) / "scalebox-data" / f"app-{self.app_id}"
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        s = self.settings
-        self.runtime = runtime_for(module, RuntimePlace(
-            workdir=self.workdir, data_dir=str(self.data_dir), binary=s.runtime, pull_timeout=s.pull_timeout,
-            image_cache=os.path.expandvars(s.image_cache or os.path.join(s.scratch_root, "scalebox-images")),
-            instance_name=f"sbx-{self.worker_id}-{os.getpid()}"))
-        self.runtime_error: tuple[float, str] | None = None     # (when, why) prepare() last failed
-        self.space_checked = (0.0, None)
         self.base_env = dict(os.environ)
         self.base_env.pop("SCALEBOX_DSN", None)   # the program has no business with the database
         self.base_env.update({
             "APP_ID": str(self.app_id), "MODULE_NAME": self.module_name, "MODULE_ID": str(self.module_id),
-            "SITE": self.site, "LOCAL_HOST": self.host, "LOCAL_IP": self.ip, "DATA_DIR": str(self.data_dir),
-            **{k: str(v) for k, v in module.environments.items()}})
+            "SITE": self.site, "LOCAL_HOST": host, "LOCAL_IP": ip, "DATA_DIR": str(self.data_dir),
+            **{k: str(v) for k, v in self.module.environments.items()}})
         # A threaded program uses the cores its task was given, unless told otherwise.
-        self.base_env.setdefault("OMP_NUM_THREADS", str(module.task_cpus))
+        self.base_env.setdefault("OMP_NUM_THREADS", str(self.module.task_cpus))
+        self.avg_seconds = 1.0
+        self.longest_seconds = 0.0
+        self.last_served = 0.0          # monotonic time a lane last got its tasks
+        self.exhausted_at: float | None = None   # a claim found fewer ready than asked (monotonic)
+        self.check_until = 0.0          # the check hook's answer holds until then
+        self.check_ok = True
+        self.hooks: TaskRunner | None = None     # runs setup, check and teardown
+
+
+class Lane:
+    """One place a task runs: a thread, its WORK_DIRs and runtimes (one per module it
+    ran), and while it runs a batch, the cores and GPUs that batch was given."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.busy = False
+        self.work: tuple[ModuleState, list[ClaimedTask]] | None = None
+        self.cpus = 0
+        self.gpus: tuple[str, ...] = ()
+        self.mem_mb = 0
+        self.node_gpus = False          # the node has GPUs: a task sees only its own
+        self.current: tuple[int, float] | None = None   # (task id, monotonic start) while a program runs
+        self.runners: dict[int, TaskRunner] = {}
+        self.ready = threading.Condition()
+        self.thread: threading.Thread | None = None
+
+    def env(self) -> dict[str, str]:
+        """What a task learns of its lane: its slot, and on a GPU node its own GPUs only."""
+        env = {"SLOT_ID": str(self.index)}
+        if self.node_gpus:
+            env.update(gpu_environment(self.gpus))
+        return env
+
+
+class TaskRunner:
+    """One module's programs in one lane (or its hooks): WORK_DIR, output buffers and
+    runtime, and everything one attempt does, from WORK_DIR to its TaskResult."""
+
+    def __init__(self, pilot: "Worker", state: ModuleState, lane: Lane, scratch: Path, instance: str):
+        self.pilot, self.state, self.lane = pilot, state, lane
+        self.settings, self.worker_id, self.host, self.ip = pilot.settings, pilot.worker_id, pilot.host, pilot.ip
+        self.module, self.module_id, self.module_name = state.module, state.module_id, state.module_name
+        self.app_id, self.site, self.data_dir, self.base_env = state.app_id, state.site, state.data_dir, state.base_env
+        self.modules, self.module_sites, self.main_router = state.modules, state.module_sites, state.main_router
+        limit = self.module.stdout_limit or self.settings.stdout_limit
+        self.out = OutputBuffer("stdout", limit)
+        self.err = OutputBuffer("stderr", limit)
+        self.scratch = scratch
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self.workdir = str(self.scratch / f"work-m{self.module_id}")
+        self.workdir_ready = os.path.isdir(self.workdir) and not os.listdir(self.workdir)
+        self.failed_workdirs = 0
+        s = self.settings
+        self.runtime = runtime_for(self.module, RuntimePlace(
+            workdir=self.workdir, data_dir=str(self.data_dir), binary=s.runtime, pull_timeout=s.pull_timeout,
+            image_cache=os.path.expandvars(s.image_cache or os.path.join(s.scratch_root, "scalebox-images")),
+            instance_name=instance))
+        self.runtime_error: tuple[float, str] | None = None     # (when, why) prepare() last failed
+        self.space_checked = (0.0, None)
+
+    @property
+    def terminated(self) -> bool:
+        return self.pilot.terminated
 
     def _prepare_runtime(self) -> str | None:
         """Pull the image / start the instance, once; why it failed, or None. After a
@@ -185,7 +222,7 @@ class Worker:
             self.runtime_error = None
             return None
         except (ImageError, OSError) as exc:
-            log.error("worker %s: %s", self.worker_id, exc)
+            log.error("worker %s, module %s: %s", self.worker_id, self.module_name, exc)
             self.runtime_error = (time.monotonic(), str(exc))
             return str(exc)
 
@@ -200,206 +237,14 @@ class Worker:
         return self.runtime.run(path, "", "{}", env=self.base_env, cwd=str(self.scratch), timeout=600,
                                 stdout=self.out, stderr=self.err)
 
-    # -- main ----------------------------------------------------------------------------
-    def _db(self, fn, what: str, *, finishing: bool = False):
-        """A database call retried through outages for at most ``patience`` seconds: by
-        then the controller has given this worker's tasks to others. Claims give up at
-        once when the worker is asked to stop; finishing calls (commit, hand back, sign
-        off) keep trying unless the worker was declared lost."""
-        stop = self.stopped.is_set if finishing else (lambda: self.stopped.is_set() or self.draining.is_set())
-        return self.database.retrying(fn, what=what, give_up_after=self.patience, stop=stop)
-
-    def run(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
-        try:
-            module_id = self._db(lambda: self.queue.start_worker(
-                self.worker_id, host=self.host, ip=self.ip, pid=os.getpid(), slurm_job_id=self.slurm_job_id,
-                lease_seconds=self.settings.lease_seconds), "register worker")
-            if module_id is None:
-                log.error("worker %s is not pending (already started or declared lost); exiting", self.worker_id)
-                return 1
-            self._load_module(module_id)
-            self._db(lambda: self.database.listen(f"sbx_m{self.module_id}"), "listen")
-        except DatabaseUnavailable as exc:
-            log.error("worker %s: %s", self.worker_id, exc)
-            return 3
-        # Everything allocated so far lives as long as the worker: keep the garbage
-        # collector from walking it again and again in the task loop.
-        gc.freeze()
-        beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
-        beat.start()
-        log.info("worker %s: module %s (app %s) on %s, scratch %s", self.worker_id, self.module_name,
-                 self.app_id, self.host, self.scratch)
-        setup = self._hook("setup")
-        if setup is not None and setup.code != 0:
-            self.stop_reason = f"setup hook failed with exit code {setup.code}: {setup.stderr.strip()[-300:]}"
-            log.error(self.stop_reason)
-            return self._sign_off(WorkerStatus.FAILED, count_failure=True)
-        try:
-            self._loop()
-        except DatabaseUnavailable as exc:
-            # Its leases have run out meanwhile: the controller hands its tasks to others.
-            log.error("worker %s: %s; exiting", self.worker_id, exc)
-            self.stopped.set()
-            return 3
-        except Exception as exc:
-            # A bug or an unexpected failure: its tasks go back through lease recovery
-            # (counted attempts), and the controller counts the failed worker.
-            log.exception("worker %s crashed", self.worker_id)
-            self.stop_reason = f"crashed: {type(exc).__name__}: {exc}"
-            return self._sign_off(WorkerStatus.FAILED, count_failure=True)
-        if self.lost:
-            return self._sign_off(WorkerStatus.LOST)
-        return self._sign_off(WorkerStatus.EXITED)
-
-    def _sign_off(self, status: str, count_failure: bool = False) -> int:
-        try:
-            if status == WorkerStatus.EXITED:
-                self._flush()
-                # Whatever is still held was never started (or was stopped by a cancel): free of cost.
-                self._db(lambda: self.queue.return_tasks(self.worker_id, None), "return tasks", finishing=True)
-            teardown = self._hook("teardown")
-            if teardown is not None and teardown.code != 0:
-                log.warning("teardown hook exited with %s", teardown.code)
-            self._db(lambda: self.queue.stop_worker(self.worker_id, status, self.stop_reason or None,
-                                                    count_failure=count_failure), "stop worker", finishing=True)
-        except DatabaseUnavailable as exc:
-            log.error("worker %s: %s", self.worker_id, exc)
-        finally:
-            self.stopped.set()
-            self.runtime.close()
-            if not self.failed_workdirs:
-                shutil.rmtree(self.scratch, ignore_errors=True)
-            if self.app_status in AppStatus.TERMINAL:
-                # The app is over: its node-local data is of no more use to anyone.
-                shutil.rmtree(self.data_dir, ignore_errors=True)
-            log.info("worker %s stopped: %s (%s)", self.worker_id, status, self.stop_reason or "done")
-        return 0 if status == WorkerStatus.EXITED else 1
-
-    def _on_signal(self, signum, _frame) -> None:
-        log.info("worker %s: %s received, draining", self.worker_id, signal.Signals(signum).name)
-        self.stop_reason = f"drained on {signal.Signals(signum).name}"
-        if signum != signal.SIGUSR1:
-            self.terminated = True      # the batch system stops the job: its programs too
-        self.draining.set()
-
-    def _loop(self) -> None:
-        s = self.settings
-        idle_since = time.monotonic()
-        while not (self.draining.is_set() or self.stopped.is_set()):
-            if self.module.check:
-                check = self._hook("check")
-                if check is not None and check.code != 0:
-                    self._flush()
-                    if time.monotonic() - idle_since > s.idle_seconds:
-                        self.stop_reason = "check hook kept refusing"
-                        return
-                    self._wait(min(5.0, s.idle_seconds))
-                    continue
-            problem = self._space_problem()
-            if problem:
-                # Claiming now would only fail tasks: wait for space (other tasks of the
-                # app finishing, the next module consuming DATA_DIR), then give up.
-                self._flush()
-                if time.monotonic() - idle_since > s.idle_seconds:
-                    self.stop_reason = problem
-                    return
-                self._wait(min(5.0, s.idle_seconds))
-                continue
-            limit = self._batch_size()
-            if limit == 0:
-                self.stop_reason = "walltime: no time left for another task"
-                return
-            try:
-                batch = self._db(lambda: self.queue.claim(
-                    worker_id=self.worker_id, module_id=self.module_id, app_id=self.app_id, host=self.host,
-                    host_bound=self.host_bound, limit=limit), "claim tasks")
-            except DatabaseUnavailable:
-                if self.draining.is_set() or self.stopped.is_set():
-                    return
-                raise
-            if not batch:
-                self._flush()
-                idle = time.monotonic() - idle_since
-                if idle >= s.idle_seconds:
-                    self.stop_reason = f"idle for {s.idle_seconds:g} s"
-                    return
-                payloads = self._wait(min(2.0, s.idle_seconds - idle))
-                ended = [p for p in payloads if p in AppStatus.TERMINAL or p == AppStatus.PAUSED]
-                if ended:
-                    self.app_status = ended[-1]
-                    self.stop_reason = f"app is {ended[-1]}"
-                    return
-                continue
-            self._run_batch(batch)
-            idle_since = time.monotonic()
-
-    def _wait(self, timeout: float) -> list[str]:
-        try:
-            return self.database.wait_notify(timeout)
-        except Exception as exc:  # noqa: BLE001 - a broken connection is retried by the next claim
-            log.warning("waiting for notifications failed: %s", exc)
-            self.database.reset()
-            time.sleep(min(timeout, 1.0))
-            return []
-
-    def _batch_size(self) -> int:
-        """How many tasks to claim: about one flush interval of work (long tasks one by
-        one, short ones in batches), and only what fits before the job's walltime ends:
-        0 when not even one task fits."""
-        size = max(1, min(self.max_batch, int(self.settings.flush_seconds / max(self.avg_seconds, 1e-4))))
-        if self.settings.job_end is None:
-            return size
-        left = self.settings.job_end - self.settings.drain_margin - time.time()
-        # A task is claimed only if its task_max_seconds fits; without one, if 1.5 times
-        # the longest task seen so far fits (nothing seen yet: one is tried).
-        limit = self.module.task_max_seconds
-        expect = float(limit) if limit else 1.5 * self.longest_seconds
-        if left <= 0 or left < expect:
-            return 0
-        if not self.longest_seconds:
-            return 1
-        return max(1, min(size, int(left / max(self.avg_seconds, 1e-4))))
-
-    def _run_batch(self, batch: list[ClaimedTask]) -> None:
-        for i, task in enumerate(batch):
-            if self.draining.is_set() or self.stopped.is_set():
-                if not self.stopped.is_set():
-                    rest = [t.id for t in batch[i:]]
-                    self._flush()
-                    n = self._db(lambda: self.queue.return_tasks(self.worker_id, rest), "return tasks",
-                                 finishing=True)
-                    log.info("returned %d unstarted task(s)", n)
-                return
-            t0 = time.monotonic()
-            result = self._run_task(task)
-            took = time.monotonic() - t0
-            self.avg_seconds = 0.8 * self.avg_seconds + 0.2 * took
-            self.longest_seconds = max(self.longest_seconds, took)
-            if self.stopped.is_set():
-                return      # lost or cancelled while it ran: the result must not count
-            if not self.pending:
-                self.pending_since = time.monotonic()
-            self.pending.append(result)
-            if time.monotonic() - self.pending_since >= self.settings.flush_seconds:
-                self._flush()
-        self._flush()
-
-    def _flush(self) -> None:
-        if not self.pending:
-            return
-        results, self.pending = self.pending, []
-        self._db(lambda: self.queue.complete(worker_id=self.worker_id, app_id=self.app_id, results=results,
-                                             retry_rules=self.module.retry_rules), "commit task results",
-                 finishing=True)
 
     # -- one task -------------------------------------------------------------------------
     def _run_task(self, task: ClaimedTask) -> TaskResult:
         received = utcnow()
         record = {"task_id": task.id, "attempt": task.attempt, "worker_id": self.worker_id,
-                  "t_ready": task.ready_at, "t_claimed": task.claimed_at, "t_received": received}
-        result = TaskResult(task.id, task.attempt, 0, record)
+                  "t_ready": task.ready_at, "t_claimed": task.claimed_at, "t_received": received,
+                  "slot": self.lane.index, "cpus": self.lane.cpus, "gpus": ",".join(self.lane.gpus) or None}
+        result = TaskResult(task.id, task.attempt, 0, record, module_id=self.module_id)
         try:
             workdir = self._workdir()
         except OSError as exc:
@@ -414,7 +259,8 @@ class Worker:
                           t_stageout_end=utcnow())
             result.code = Code.IMAGE
             return result
-        env = dict(self.base_env, WORK_DIR=workdir, TASK_ID=str(task.id), ATTEMPT=str(task.attempt))
+        env = dict(self.base_env, WORK_DIR=workdir, TASK_ID=str(task.id), ATTEMPT=str(task.attempt),
+                   **self.lane.env())
         body, body_file = task.body, None
         if len(body) > MAX_ARG_BYTES // 4 and len(body.encode()) > MAX_ARG_BYTES:
             # Too big for argv: "$1" names a file holding the body byte for byte, and
@@ -423,13 +269,13 @@ class Worker:
             body_file.write_bytes(task.body.encode())
             body = env["SCALEBOX_BODY_FILE"] = str(body_file)
         timeout = self.module.task_max_seconds
-        self.current = (task.id, time.monotonic())
+        self.lane.current = (task.id, time.monotonic())
         try:
             prog = self.runtime.run(self.module.command, body, task.headers, env=env,
                                     cwd=workdir, timeout=float(timeout) if timeout else None,
                                     stdout=self.out, stderr=self.err)
         finally:
-            self.current = None
+            self.lane.current = None
         record.update(t_program_start=prog.started, t_program_end=prog.ended, t_stageout_start=prog.ended)
         if prog.stdout:
             record["stdout"] = prog.stdout
@@ -548,13 +394,9 @@ class Worker:
         return 0
 
     def _forward_target(self, site: str):
-        """How to reach a site's inbox, from the sites table (read again for a site it
-        did not have: a controller may have added it since)."""
+        """How to reach a site's inbox, from the sites table as the pilot read it."""
         from .transfer import ForwardTarget
-        if self.forward_targets is None or site not in self.forward_targets:
-            stored = self._db(self.queue.site_configs, "read site configs", finishing=True)
-            self.forward_targets = {name: ForwardTarget.from_json(name, data) for name, data in stored.items()}
-        return self.forward_targets.get(site) or ForwardTarget(site)
+        return self.state.forward_targets.get(site) or ForwardTarget(site)
 
     def _system_failure(self, result: TaskResult, code: int, note: str, workdir: str, task: ClaimedTask,
                         names: set[str]) -> TaskResult:
@@ -700,25 +542,422 @@ class Worker:
         if keep:
             log.info("kept WORK_DIR of failed task %s for inspection: %s", task.id, kept)
 
+
+class Worker:
+    """The pilot (see the module's docstring)."""
+
+    def __init__(self, dsn: str, worker_id: int, settings: WorkerSettings):
+        self.worker_id = worker_id
+        self.settings = settings
+        self.database = Database(dsn, async_commit=True)
+        self.queue = Queue(self.database)
+        self.host, self.ip = _host_ip()
+        self.slurm_job_id = slurm_job_id(os.environ)
+        self.draining = threading.Event()   # running tasks finish, the rest go back
+        self.stopped = threading.Event()    # lost or cancelled: stop now, commit nothing more
+        self.wake = threading.Event()       # a lane finished its batch
+        self.finished = False               # lanes exit
+        self.stop_reason = ""               # why it stopped, in words (the worker row's message)
+        self.app_status: str | None = None  # the app's state, once it is no longer RUNNING
+        self.lost = False                   # the controller declared this worker lost
+        self.terminated = False
+        self.crash: BaseException | None = None    # a lane thread's unexpected failure
+        self.lock = threading.Lock()        # guards pending
+        self.pending: list[TaskResult] = []
+        self.pending_since = 0.0
+        self.states: dict[int, ModuleState] = {}
+        self.lanes: list[Lane] = []
+        self.resources = NodeResources(cpus=1)
+        self.scratch = Path(settings.scratch_root) / f"worker-{worker_id}"
+        # How long to keep trying an unreachable database before giving up.
+        self.patience = max(60.0, 10 * settings.lease_seconds)
+
+    # -- setup ---------------------------------------------------------------------
+    def _load_modules(self, home: int) -> None:
+        """The modules this pilot serves, each with its hooks' runner; their stages."""
+        targets = None
+        for module_id in self.queue.served_modules(home):
+            ctx = self.queue.module_context(module_id)
+            if targets is None:
+                from .transfer import ForwardTarget
+                targets = {name: ForwardTarget.from_json(name, data)
+                           for name, data in self.queue.site_configs().items()}
+            state = ModuleState(ctx, self.settings, self.host, self.ip, targets)
+            state.hooks = TaskRunner(self, state, Lane(-1), self.scratch / f"hooks-m{module_id}",
+                                     f"sbx-{self.worker_id}-{os.getpid()}-h{module_id}")
+            self.states[module_id] = state
+        names = {s.module_name: s for s in self.states.values()}
+        main_router = next(iter(self.states.values())).main_router
+        for name, stage in stages({n: s.module.sink_modules for n, s in names.items()}, main_router).items():
+            names[name].stage = stage
+        if self.home.module.idle_seconds is not None:
+            self.settings.idle_seconds = self.home.module.idle_seconds
+
+    def _hook(self, state: ModuleState, name: str) -> ProgramResult | None:
+        return state.hooks._hook(name)
+
+    def _runner(self, lane: Lane, state: ModuleState) -> TaskRunner:
+        runner = lane.runners.get(state.module_id)
+        if runner is None:
+            runner = lane.runners[state.module_id] = TaskRunner(
+                self, state, lane, self.scratch / f"slot-{lane.index}",
+                f"sbx-{self.worker_id}-{os.getpid()}-{lane.index}-m{state.module_id}")
+        return runner
+
+    def _runners(self):
+        for lane in self.lanes:
+            yield from lane.runners.values()
+        for state in self.states.values():
+            if state.hooks is not None:
+                yield state.hooks
+
+    # -- main ----------------------------------------------------------------------------
+    def _db(self, fn, what: str, *, finishing: bool = False):
+        """A database call retried through outages for at most ``patience`` seconds: by
+        then the controller has given this worker's tasks to others. Claims give up at
+        once when the worker is asked to stop; finishing calls (commit, hand back, sign
+        off) keep trying unless the worker was declared lost."""
+        stop = self.stopped.is_set if finishing else (lambda: self.stopped.is_set() or self.draining.is_set())
+        return self.database.retrying(fn, what=what, give_up_after=self.patience, stop=stop)
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        s = self.settings
+        self.resources = res = node_resources(os.environ, cpus=s.cpus, gpus=s.gpus, mem_mb=s.mem_mb)
+        try:
+            home = self._db(lambda: self.queue.start_worker(
+                self.worker_id, host=self.host, ip=self.ip, pid=os.getpid(), slurm_job_id=self.slurm_job_id,
+                lease_seconds=s.lease_seconds, cpus=res.cpus, gpus=len(res.gpus), mem_mb=res.mem_mb),
+                "register worker")
+            if home is None:
+                log.error("worker %s is not pending (already started or declared lost); exiting", self.worker_id)
+                return 1
+            self.home_id = home
+            self._db(lambda: self._load_modules(home), "read modules")
+            for module_id in self.states:
+                self._db(lambda m=module_id: self.database.listen(f"sbx_m{m}"), "listen")
+        except DatabaseUnavailable as exc:
+            log.error("worker %s: %s", self.worker_id, exc)
+            return 3
+        # Everything allocated so far lives as long as the worker: keep the garbage
+        # collector from walking it again and again in the task loop.
+        gc.freeze()
+        beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        beat.start()
+        log.info("worker %s on %s: %s; modules %s (app %s), scratch %s", self.worker_id, self.host,
+                 res.describe(), ", ".join(st.module_name for st in self.states.values()), self.home.app_id,
+                 self.scratch)
+        for state in self.states.values():
+            setup = self._hook(state, "setup")
+            if setup is not None and setup.code != 0:
+                self.stop_reason = (f"setup hook of module {state.module_name} failed with exit code "
+                                    f"{setup.code}: {setup.stderr.strip()[-300:]}")
+                log.error(self.stop_reason)
+                return self._sign_off(WorkerStatus.FAILED, count_failure=True)
+        node_gpus = bool(res.gpus)
+        for i in range(res.cpus):
+            lane = Lane(i)
+            lane.node_gpus = node_gpus
+            lane.thread = threading.Thread(target=self._lane_loop, args=(lane,), name=f"lane-{i}", daemon=True)
+            lane.thread.start()
+            self.lanes.append(lane)
+        try:
+            self._loop()
+        except DatabaseUnavailable as exc:
+            # Its leases have run out meanwhile: the controller hands its tasks to others.
+            log.error("worker %s: %s; exiting", self.worker_id, exc)
+            self._stop(str(exc))
+            self._end_lanes()
+            return 3
+        except Exception as exc:
+            # A bug or an unexpected failure: its tasks go back through lease recovery
+            # (counted attempts), and the controller counts the failed worker.
+            log.exception("worker %s crashed", self.worker_id)
+            self.stop_reason = f"crashed: {type(exc).__name__}: {exc}"
+            self._stop(self.stop_reason)
+            self._end_lanes()
+            return self._sign_off(WorkerStatus.FAILED, count_failure=True)
+        self._end_lanes()
+        if self.lost:
+            return self._sign_off(WorkerStatus.LOST)
+        return self._sign_off(WorkerStatus.EXITED)
+
+    @property
+    def home(self) -> ModuleState:
+        return self.states[self.home_id]
+
+    def _end_lanes(self) -> None:
+        """Let the running tasks finish (their lanes take nothing more) and the lanes exit."""
+        self.finished = True
+        for lane in self.lanes:
+            with lane.ready:
+                lane.ready.notify()
+        for lane in self.lanes:
+            lane.thread.join()
+
+    def _sign_off(self, status: str, count_failure: bool = False) -> int:
+        try:
+            if status == WorkerStatus.EXITED:
+                self._flush()
+                # Whatever is still held was never started (or was stopped by a cancel): free of cost.
+                self._db(lambda: self.queue.return_tasks(self.worker_id, None), "return tasks", finishing=True)
+            for state in self.states.values():
+                teardown = self._hook(state, "teardown")
+                if teardown is not None and teardown.code != 0:
+                    log.warning("teardown hook of module %s exited with %s", state.module_name, teardown.code)
+            self._db(lambda: self.queue.stop_worker(self.worker_id, status, self.stop_reason or None,
+                                                    count_failure=count_failure), "stop worker", finishing=True)
+        except DatabaseUnavailable as exc:
+            log.error("worker %s: %s", self.worker_id, exc)
+        finally:
+            self.stopped.set()
+            runners = list(self._runners())
+            for runner in runners:
+                runner.runtime.close()
+            if not any(r.failed_workdirs for r in runners):
+                shutil.rmtree(self.scratch, ignore_errors=True)
+            if self.app_status in AppStatus.TERMINAL:
+                # The app is over: its node-local data is of no more use to anyone.
+                for state in self.states.values():
+                    shutil.rmtree(state.data_dir, ignore_errors=True)
+            log.info("worker %s stopped: %s (%s)", self.worker_id, status, self.stop_reason or "done")
+        return 0 if status == WorkerStatus.EXITED else 1
+
+    def _on_signal(self, signum, _frame) -> None:
+        log.info("worker %s: %s received, draining", self.worker_id, signal.Signals(signum).name)
+        self.stop_reason = f"drained on {signal.Signals(signum).name}"
+        if signum != signal.SIGUSR1:
+            self.terminated = True      # the batch system stops the job: its programs too
+        self.draining.set()
+        self.wake.set()
+
+    def _loop(self) -> None:
+        s = self.settings
+        idle_since = time.monotonic()
+        while not (self.draining.is_set() or self.stopped.is_set()):
+            if self.crash is not None:
+                raise self.crash
+            now = time.monotonic()
+            free = [lane for lane in self.lanes if not lane.busy]
+            if free and self.pending:
+                # Finished tasks hold their module's slots until committed: commit first.
+                self._flush()
+            claimed, blocked = self._claim(free, now) if free else (0, None)
+            busy = any(lane.busy for lane in self.lanes)
+            if busy or claimed:
+                idle_since = now
+            self._flush_due(busy)
+            if not busy:
+                if blocked:
+                    self.stop_reason = blocked
+                    return
+                idle = now - idle_since
+                if idle >= s.idle_seconds:
+                    self.stop_reason = f"idle for {s.idle_seconds:g} s"
+                    return
+                if self._notified(self._wait(min(0.5, s.idle_seconds - idle))):
+                    return
+            elif len(free) > claimed and not blocked:
+                # Lanes free, nothing ready for them: new tasks or a lane's end wake us.
+                if self._notified(self._wait(0.01)):
+                    return
+            else:
+                self.wake.wait(max(0.001, s.flush_seconds / 2))
+                self.wake.clear()
+
+    def _notified(self, payloads: list[str]) -> bool:
+        """Take in notifications: new tasks make modules worth a claim again; the app's
+        end or pause stops the pilot (true)."""
+        if not payloads:
+            return False
+        ended = [p for p in payloads if p in AppStatus.TERMINAL or p == AppStatus.PAUSED]
+        if ended:
+            self.app_status = ended[-1]
+            self.stop_reason = f"app is {ended[-1]}"
+            return True
+        for state in self.states.values():
+            state.exhausted_at = None
+        return False
+
+    def _wait(self, timeout: float) -> list[str]:
+        try:
+            return self.database.wait_notify(timeout)
+        except Exception as exc:  # noqa: BLE001 - a broken connection is retried by the next claim
+            log.warning("waiting for notifications failed: %s", exc)
+            self.database.reset()
+            time.sleep(min(timeout, 1.0))
+            return []
+
+    def _claimable(self, state: ModuleState, now: float) -> bool:
+        """May this module's tasks be claimed now: something may be ready, its check
+        hook agrees and its scratch and DATA_DIR have room."""
+        if state.exhausted_at is not None and now - state.exhausted_at < 1.0:
+            return False
+        if state.module.check and now >= state.check_until:
+            check = self._hook(state, "check")
+            state.check_ok = check is None or check.code == 0
+            state.check_until = time.monotonic() + (1.0 if state.check_ok else 5.0)
+        if not state.check_ok:
+            return False
+        return state.hooks._space_problem() is None
+
+    def _claim(self, free: list[Lane], now: float) -> tuple[int, str | None]:
+        """One claim for the free lanes: (how many lanes got tasks, why nothing more can
+        ever be claimed here, or None)."""
+        res = self.resources
+        busy = [lane for lane in self.lanes if lane.busy]
+        used_gpus = {g for lane in busy for g in lane.gpus}
+        budget = Budget(res.cpus - sum(lane.cpus for lane in busy), len(res.gpus) - len(used_gpus),
+                        None if res.mem_mb is None else res.mem_mb - sum(lane.mem_mb for lane in busy))
+        candidates, batches, walltime = [], {}, 0
+        for state in self.states.values():
+            if not self._claimable(state, now):
+                continue
+            batch = self._batch_size(state)
+            if batch == 0:
+                walltime += 1
+                continue
+            batches[state.module_id] = batch
+            m = state.module
+            running = sum(1 for lane in busy if lane.work and lane.work[0] is state)
+            candidates.append(Candidate(state.module_id, state.stage, ready=len(free),
+                                        room=max(0, m.slots - running) if m.slots else None,
+                                        cpus=max(1, m.task_cpus), gpus=m.task_gpus, mem_mb=m.task_mem or 0,
+                                        last_served=state.last_served))
+        if not candidates:
+            blocked = "walltime: no time left for another task" if walltime == len(self.states) else None
+            return 0, blocked
+        picks = plan(candidates, budget)
+        free_gpus = [g for g in res.gpus if g not in used_gpus]
+        lanes = iter(free)
+        entries, asked = [], {}
+        order = sorted(picks, key=lambda mid: (-self.states[mid].stage, self.states[mid].last_served, mid))
+        for module_id in order:
+            m = self.states[module_id].module
+            for _ in range(picks[module_id]):
+                lane = next(lanes, None)
+                if lane is None:
+                    break
+                lane.cpus, lane.mem_mb = max(1, m.task_cpus), m.task_mem or 0
+                lane.gpus, free_gpus = tuple(free_gpus[:m.task_gpus]), free_gpus[m.task_gpus:]
+                entries.append((module_id, lane.index, batches[module_id]))
+                asked[lane.index] = (module_id, batches[module_id])
+        if not entries:
+            return 0, None
+        rows = self._db(lambda: self.queue.claim_pilot(worker_id=self.worker_id, host=self.host, entries=entries),
+                        "claim tasks")
+        by_lane: dict[int, list[ClaimedTask]] = {}
+        for task in rows:
+            by_lane.setdefault(task.slot, []).append(task)
+        now = time.monotonic()
+        for index, (module_id, batch) in asked.items():
+            lane, tasks = self.lanes[index], sorted(by_lane.get(index, []), key=lambda t: t.id)
+            state = self.states[module_id]
+            if len(tasks) < batch:
+                state.exhausted_at = now
+            if not tasks:
+                lane.cpus, lane.gpus, lane.mem_mb = 0, (), 0
+                continue
+            state.last_served = now
+            with lane.ready:
+                lane.work = (state, tasks)
+                lane.busy = True
+                lane.ready.notify()
+        return len(by_lane), None
+
+    def _batch_size(self, state: ModuleState) -> int:
+        """How many tasks one lane claims in a row: about one flush interval of work
+        (long tasks one by one, short ones in batches), and only what fits before the
+        job's walltime ends: 0 when not even one task fits."""
+        size = max(1, min(state.max_batch, int(self.settings.flush_seconds / max(state.avg_seconds, 1e-4))))
+        if self.settings.job_end is None:
+            return size
+        left = self.settings.job_end - self.settings.drain_margin - time.time()
+        # A task is claimed only if its task_max_seconds fits; without one, if 1.5 times
+        # the longest task seen so far fits (nothing seen yet: one is tried).
+        limit = state.module.task_max_seconds
+        expect = float(limit) if limit else 1.5 * state.longest_seconds
+        if left <= 0 or left < expect:
+            return 0
+        if not state.longest_seconds:
+            return 1
+        return max(1, min(size, int(left / max(state.avg_seconds, 1e-4))))
+
+    # -- lanes ------------------------------------------------------------------------------
+    def _lane_loop(self, lane: Lane) -> None:
+        while True:
+            with lane.ready:
+                while lane.work is None and not self.finished:
+                    lane.ready.wait()
+                if lane.work is None:
+                    return
+                state, tasks = lane.work
+            try:
+                self._run_batch(lane, state, tasks)
+            except BaseException as exc:   # noqa: BLE001 - the main thread fails the pilot
+                log.exception("lane %s crashed", lane.index)
+                self.crash = exc
+            finally:
+                with lane.ready:
+                    lane.work = None
+                    lane.busy = False
+                self.wake.set()
+
+    def _run_batch(self, lane: Lane, state: ModuleState, tasks: list[ClaimedTask]) -> None:
+        """Run a lane's tasks one after the other; those not started when the pilot
+        drains stay held and go back at sign-off, free of cost."""
+        runner = self._runner(lane, state)
+        for task in tasks:
+            if self.draining.is_set() or self.stopped.is_set():
+                return
+            t0 = time.monotonic()
+            result = runner._run_task(task)
+            took = time.monotonic() - t0
+            state.avg_seconds = 0.8 * state.avg_seconds + 0.2 * took
+            state.longest_seconds = max(state.longest_seconds, took)
+            if self.stopped.is_set():
+                return      # lost or cancelled while it ran: the result must not count
+            with self.lock:
+                if not self.pending:
+                    self.pending_since = time.monotonic()
+                self.pending.append(result)
+
+    def _flush_due(self, busy: bool) -> None:
+        """Commit what finished once the oldest result waited flush_seconds, or at once
+        when nothing runs."""
+        if self.pending and (not busy or time.monotonic() - self.pending_since >= self.settings.flush_seconds):
+            self._flush()
+
+    def _flush(self) -> None:
+        with self.lock:
+            results, self.pending = self.pending, []
+        if not results:
+            return
+        rules = {mid: st.module.retry_rules for mid, st in self.states.items()}
+        self._db(lambda: self.queue.complete(worker_id=self.worker_id, app_id=self.home.app_id, results=results,
+                                             retry_rules=rules), "commit task results", finishing=True)
+
     # -- heartbeat ----------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
         beat = Queue(Database(self.database.dsn, async_commit=True))
         interval = self.settings.lease_seconds / 3
         next_beat = 0.0
         last_ok = time.monotonic()
-        marked = None
+        marked: set[int] = set()
         while not self.stopped.is_set():
             now = time.monotonic()
             if now - last_ok > self.patience:
                 self._stop(f"database unreachable for {self.patience:.0f} s")
                 break
             try:
-                current = self.current
                 # Tasks that run for a while show as RUNNING; short ones go from QUEUED to done
                 # without the extra round trip on the hot path.
-                if current and current[0] != marked and now - current[1] > 0.2:
-                    beat.mark_running(self.worker_id, current[0])
-                    marked = current[0]
+                long = [c[0] for c in (lane.current for lane in self.lanes)
+                        if c and c[0] not in marked and now - c[1] > 0.2]
+                if long:
+                    beat.mark_running(self.worker_id, long)
+                    marked = (marked | set(long)) if len(marked) < 100000 else set(long)
                 if now >= next_beat:
                     app_status = beat.heartbeat(self.worker_id, self.settings.lease_seconds)
                     next_beat, last_ok = now + interval, now
@@ -732,6 +971,7 @@ class Worker:
                         else:
                             self.stop_reason = f"app is {app_status}"
                             self.draining.set()
+                            self.wake.set()
             except Exception as exc:  # noqa: BLE001 - keep beating through database outages
                 log.warning("heartbeat failed: %s", first_line(exc))
                 beat.database.reset()
@@ -740,7 +980,10 @@ class Worker:
         beat.database.close()
 
     def _stop(self, message: str) -> None:
-        log.warning("worker %s: %s; stopping the running program", self.worker_id, message)
+        log.warning("worker %s: %s; stopping the running programs", self.worker_id, message)
         self.stop_reason = message
         self.stopped.set()
-        self.runtime.kill()
+        self.wake.set()
+        for lane in self.lanes:
+            for runner in list(lane.runners.values()):
+                runner.runtime.kill()

@@ -64,6 +64,17 @@ def sbx_env(dsn, tmp_path):
     return env
 
 
+def local_site(sbx_env, tmp_path, **keys):
+    """Make the local site of these tests a configured one (e.g. cpus=4: each pilot uses
+    4 cores whatever this machine has), through a sites directory."""
+    sites = tmp_path / "sites"
+    sites.mkdir(exist_ok=True)
+    (sites / "local.yaml").write_text("name: local\nscheduler: local\n" +
+                                      "".join(f"{k}: {v}\n" for k, v in keys.items()))
+    sbx_env["SCALEBOX_SITES_DIR"] = str(sites)
+    return sites
+
+
 @pytest.fixture
 def sbx(sbx_env):
     """Run 'scalebox-hpc ARGS' as a user would; returns the CompletedProcess."""

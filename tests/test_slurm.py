@@ -206,10 +206,11 @@ def test_local_pipeline_reads_each_file_on_the_node_that_wrote_it(slurm_env, dsn
     assert len(rows) == 8
     assert all(made == used and read == 50 << 20 for _, made, used, read in rows), rows
     assert {made for _, made, _, _ in rows} == {"n1", "n2"}, rows
-    # Each consume worker that started was sent (--nodelist) to the node it ran on.
-    sent = query(dsn, "SELECT w.want_host, w.host FROM workers w JOIN modules m ON m.id = w.module_id "
-                      "WHERE m.name = 'consume' AND w.host IS NOT NULL")
-    assert sent and all(want == host for want, host in sent), sent
+    # Each worker sent (--nodelist) to a node ran there (pilots already on a node serve
+    # its consume tasks too, so there may be none).
+    sent = query(dsn, "SELECT w.want_host, w.host FROM workers w WHERE w.want_host IS NOT NULL "
+                      "AND w.host IS NOT NULL")
+    assert all(want == host for want, host in sent), sent
     assert not list(tmp_path.glob("node-*/scalebox-data/*/*.bin"))   # consumed, removed
 
 

@@ -2,7 +2,8 @@
 -- workers, worker rows, lease recovery, host fallback, sites, the controller lock.
 
 -- name: module_demand
--- What the controller sizes pools from: ready tasks (counted up to a cap) and live workers.
+-- What the controller sizes pools from: ready tasks (counted up to a cap), held ones, what
+-- a task takes, and live workers (by their home module).
 -- Ready tasks of a HOST-BOUND module that name a to_host need a worker on that host, not
 -- just any: host_demand counts those, so they are left out here.
 SELECT m.id, m.app_id, m.name, m.site, m.slots, m.min_workers, m.worker_failures,
@@ -11,7 +12,10 @@ SELECT m.id, m.app_id, m.name, m.site, m.slots, m.min_workers, m.worker_failures
                               LIMIT %(ready_cap)s) r) AS ready,
        (SELECT count(*) FROM workers w WHERE w.module_id = m.id
                                         AND w.status IN ('PENDING', 'RUNNING', 'DRAINING')) AS live,
-       (SELECT max(w.stopped_at) FROM workers w WHERE w.module_id = m.id AND w.status = 'FAILED') AS last_failure
+       (SELECT max(w.stopped_at) FROM workers w WHERE w.module_id = m.id AND w.status = 'FAILED') AS last_failure,
+       (SELECT count(*) FROM tasks t WHERE t.module_id = m.id AND t.status IN (@QUEUED, @RUNNING)) AS held,
+       coalesce((m.definition->>'task_cpus')::integer, 1) AS task_cpus,
+       coalesce((m.definition->>'task_gpus')::integer, 0) AS task_gpus
 FROM modules m JOIN apps a ON a.id = m.app_id
 WHERE a.status = 'RUNNING'
 ORDER BY m.id;

@@ -4,7 +4,7 @@ off. The hot path (claim, complete) is a fixed, small number of statements per b
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from ..appdef import ModuleDef
 from ..retry import RetryRules
@@ -17,10 +17,27 @@ log = logging.getLogger(__name__)
 
 class Queue(TaskWrites):
     def start_worker(self, worker_id: int, *, host: str, ip: str, pid: int, slurm_job_id: str | None,
-                     lease_seconds: float) -> int | None:
-        """Mark a PENDING worker RUNNING; its module id, or None if it was not pending."""
+                     lease_seconds: float, cpus: int | None = None, gpus: int | None = None,
+                     mem_mb: int | None = None) -> int | None:
+        """Mark a PENDING worker RUNNING with what it has; its (home) module id, or None
+        if it was not pending."""
         return self._value("start_worker", {"worker_id": worker_id, "host": host, "ip": ip, "pid": pid,
-                                            "slurm_job_id": slurm_job_id, "lease_seconds": lease_seconds})
+                                            "slurm_job_id": slurm_job_id, "lease_seconds": lease_seconds,
+                                            "cpus": cpus, "gpus": gpus, "mem_mb": mem_mb})
+
+    def served_modules(self, module_id: int) -> list[int]:
+        """The modules a pilot whose home is ``module_id`` serves (its app's, on its site)."""
+        return self._values("served_modules", {"module_id": module_id})
+
+    def claim_pilot(self, *, worker_id: int, host: str, entries: Sequence[tuple[int, int, int]]) -> list[ClaimedTask]:
+        """One claim for many lanes: entries are (module id, lane, batch), those of one
+        module next to each other, in the order the policy chose."""
+        if not entries:
+            return []
+        modules, slots, batches = zip(*entries)
+        return self._rows(ClaimedTask, "claim_pilot", {"worker_id": worker_id, "host": host,
+                                                       "modules": list(modules), "slots": list(slots),
+                                                       "batches": list(batches)})
 
     def module_context(self, module_id: int) -> ModuleContext:
         (mid, app_id, name, site, host_bound, definition, main_router, ids, names, sites), = \
@@ -37,8 +54,8 @@ class Queue(TaskWrites):
         """The app's status, or None when this worker's lease is gone."""
         return self._value("heartbeat", {"worker_id": worker_id, "lease_seconds": lease_seconds})
 
-    def mark_running(self, worker_id: int, task_id: int) -> None:
-        self._run("mark_running", {"worker_id": worker_id, "task_id": task_id})
+    def mark_running(self, worker_id: int, task_ids: Sequence[int]) -> None:
+        self._run("mark_running", {"worker_id": worker_id, "task_ids": list(task_ids)})
 
     def stop_worker(self, worker_id: int, status: str, message: str | None = None,
                     count_failure: bool = False) -> None:
@@ -63,10 +80,12 @@ class Queue(TaskWrites):
         return len(modules)
 
     def complete(self, *, worker_id: int, app_id: int, results: Sequence[TaskResult],
-                 retry_rules: RetryRules) -> int:
+                 retry_rules: RetryRules | Mapping[int, RetryRules]) -> int:
         """Commit finished attempts, each with its exec row, sink messages, semaphores
         and app result, in one transaction. Attempts this worker no longer holds
-        (lease recovered meanwhile) are dropped whole. Returns how many were applied."""
+        (lease recovered meanwhile) are dropped whole. A pilot's results may be of
+        several modules: ``retry_rules`` then maps each result's module_id to its rules.
+        Returns how many were applied."""
         if not results:
             return 0
         with self._transaction():
@@ -90,21 +109,27 @@ class Queue(TaskWrites):
                     self._run("apply_semaphore", {"app_id": app_id, "name": name, "op": op, "value": value})
                 if r.app_result is not None:
                     self._run("set_app_result", {"app_id": app_id, "result": r.app_result})
-            if any(statuses[r.task_id] == TaskStatus.READY for r in applied):
-                # Retried tasks are READY again: wake idle workers of this module.
-                self._notify_ready([self._value("worker_module", {"worker_id": worker_id})])
-            self._run("count_done", {"worker_id": worker_id, "n": len(applied)})
+            retried = {r.module_id for r in applied if statuses[r.task_id] == TaskStatus.READY}
+            if retried:
+                # Retried tasks are READY again: wake idle workers of their module.
+                self._notify_ready([m for m in retried if m is not None] or
+                                   [self._value("worker_module", {"worker_id": worker_id})])
+            done = sorted({r.module_id for r in applied if r.module_id is not None})
+            self._run("count_done", {"worker_id": worker_id, "n": len(applied), "module_ids": done})
         return len(applied)
 
-    def _final_statuses(self, results: Sequence[TaskResult], rules: RetryRules) -> dict[int, int]:
+    def _final_statuses(self, results: Sequence[TaskResult],
+                        retry_rules: RetryRules | Mapping[int, RetryRules]) -> dict[int, int]:
         """Status each attempt leaves its task in: its code, or READY to retry."""
+        def rules_of(r: TaskResult) -> RetryRules:
+            return retry_rules if isinstance(retry_rules, RetryRules) else retry_rules[r.module_id]
         statuses = {r.task_id: r.code for r in results}
-        failed = [r for r in results if r.code != Code.OK and rules.allows(r.code, 1)]
+        failed = [r for r in results if r.code != Code.OK and rules_of(r).allows(r.code, 1)]
         if failed:
             counts: dict[tuple[int, int], int] = {}
             for task_id, code, n in self._run("exec_counts", {"task_ids": [r.task_id for r in failed]}):
                 counts[(task_id, code)] = n
             for r in failed:
-                if rules.allows(r.code, counts.get((r.task_id, r.code), 0) + 1):
+                if rules_of(r).allows(r.code, counts.get((r.task_id, r.code), 0) + 1):
                     statuses[r.task_id] = TaskStatus.READY
         return statuses

@@ -13,9 +13,21 @@ GROUP BY m.id, a.id;
 -- name: start_worker
 UPDATE workers SET status = 'RUNNING', host = %(host)s, ip = %(ip)s, pid = %(pid)s,
        slurm_job_id = %(slurm_job_id)s, started_at = now(), heartbeat_at = now(),
-       lease_expires = now() + make_interval(secs => %(lease_seconds)s)
+       lease_expires = now() + make_interval(secs => %(lease_seconds)s),
+       cpus = %(cpus)s, gpus = %(gpus)s, mem_mb = %(mem_mb)s
 WHERE id = %(worker_id)s AND status = 'PENDING'
 RETURNING module_id;
+
+-- name: served_modules
+-- The modules a pilot serves: those of its home module's app that run on its site
+-- (a pipeline's next stage runs in the same job).
+SELECT o.id FROM modules m JOIN modules o ON o.app_id = m.app_id AND o.site = m.site
+WHERE m.id = %(module_id)s ORDER BY o.id;
+
+-- name: claim_pilot
+-- One claim for all of a pilot's free lanes (migrations/0004_pilots.sql, sbx_claim).
+SELECT * FROM sbx_claim(%(worker_id)s, %(host)s, %(modules)s::bigint[], %(slots)s::integer[],
+                        %(batches)s::integer[]);
 
 -- name: heartbeat
 -- Renews the lease on all of a worker's tasks at once (the lease lives on the worker).
@@ -52,7 +64,7 @@ RETURNING t.id, t.body, t.headers::text AS headers, t.attempts AS attempt, t.rea
 
 -- name: mark_running
 UPDATE tasks SET status = @RUNNING
-WHERE id = %(task_id)s AND worker_id = %(worker_id)s AND status = @QUEUED;
+WHERE id = ANY(%(task_ids)s::bigint[]) AND worker_id = %(worker_id)s AND status = @QUEUED;
 
 -- name: return_tasks
 -- A draining worker hands back tasks it never started: no attempt is counted.
@@ -79,9 +91,11 @@ WHERE t.id = x.id AND t.worker_id = %(worker_id)s AND t.status IN (@QUEUED, @RUN
 RETURNING t.id, t.status;
 
 -- name: count_done
--- A worker that got work done ends its module's run of failed workers.
+-- A worker that got work done ends the run of failed workers of its module and of the
+-- modules it completed tasks of.
 WITH w AS (UPDATE workers SET tasks_done = tasks_done + %(n)s WHERE id = %(worker_id)s RETURNING module_id)
-UPDATE modules m SET worker_failures = 0 FROM w WHERE m.id = w.module_id AND m.worker_failures <> 0;
+UPDATE modules m SET worker_failures = 0 FROM w
+WHERE (m.id = w.module_id OR m.id = ANY(%(module_ids)s::bigint[])) AND m.worker_failures <> 0;
 
 -- name: apply_semaphore
 INSERT INTO semaphores AS s (app_id, name, value)
@@ -98,6 +112,7 @@ UPDATE apps SET result = %(result)s WHERE id = %(app_id)s;
 -- name: site_configs
 -- What workers elsewhere need to forward data to each site, as the controller wrote it.
 SELECT name, config FROM sites;
+
 
 -- name: worker_module
 SELECT module_id FROM workers WHERE id = %(worker_id)s;

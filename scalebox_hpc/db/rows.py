@@ -39,6 +39,8 @@ class ClaimedTask:
     attempt: int
     ready_at: datetime | None
     claimed_at: datetime
+    module_id: int | None = None    # a pilot's claim: which module, and the lane it runs in
+    slot: int | None = None
 
 
 @dataclass
@@ -51,6 +53,7 @@ class TaskResult:
     messages: list[Message] = field(default_factory=list)
     semaphores: list[tuple[str, str, int]] = field(default_factory=list)
     app_result: str | None = None
+    module_id: int | None = None                  # the task's module (its retry rules, its wake-up)
 
 
 @dataclass
@@ -132,6 +135,9 @@ class ModuleDemand:
     ready: int
     live: int
     last_failure: datetime | None
+    held: int = 0           # tasks claimed by pilots, queued or running
+    task_cpus: int = 1
+    task_gpus: int = 0
 
 
 @dataclass

@@ -5,6 +5,7 @@ import logging
 import os
 import select
 import signal
+import threading
 
 from ..states import Code
 from .base import ProgramResult, Runtime, utcnow
@@ -12,6 +13,9 @@ from .base import ProgramResult, Runtime, utcnow
 log = logging.getLogger(__name__)
 
 KILL_GRACE_SECONDS = 5.0
+# The working directory is the process's, shared by a pilot's lanes: one chdir and
+# spawn at a time.
+_SPAWN_LOCK = threading.Lock()
 
 
 class HostRuntime(Runtime):
@@ -36,15 +40,16 @@ class HostRuntime(Runtime):
         stderr.reset()
         self._killed = False
         started = utcnow()
-        os.chdir(cwd)   # posix_spawn has no cwd argument: the child inherits ours
         try:
             # Body and headers travel as argv elements: no shell ever sees them.
             executable, argv, env = self.spawn(program, body, headers_json, env, cwd)
-            pid = os.posix_spawn(executable, argv, env,
-                                 file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                                               (os.POSIX_SPAWN_DUP2, stdout.fd, 1),
-                                               (os.POSIX_SPAWN_DUP2, stderr.fd, 2)],
-                                 setsid=True)
+            with _SPAWN_LOCK:
+                os.chdir(cwd)   # posix_spawn has no cwd argument: the child inherits ours
+                pid = os.posix_spawn(executable, argv, env,
+                                     file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                                                   (os.POSIX_SPAWN_DUP2, stdout.fd, 1),
+                                                   (os.POSIX_SPAWN_DUP2, stderr.fd, 2)],
+                                     setsid=True)
         except OSError as exc:
             # Same codes a shell gives for a program it cannot find or run.
             stderr.write(f"scalebox-hpc: cannot start {executable}: {exc.strerror}\n")

@@ -36,8 +36,31 @@ class Site:
         workers and those of them still waiting to start."""
         return wanted
 
+    @property
+    def pilot_cpus(self) -> int:
+        """The cores one pilot (one node of a worker job) has here."""
+        return 1
+
+    @property
+    def pilot_gpus(self) -> int:
+        return 0
+
+    @property
+    def pilot_mem_mb(self) -> int | None:
+        """Memory of one pilot in MiB; None: not known (task_mem is not checked)."""
+        return None
+
     def unfit(self, module: dict) -> str | None:
-        """Why this module's tasks could never run here, or None."""
+        """Why this module's tasks could never run here, or None: a task that needs more
+        cores, GPUs or memory than any pilot of the site has."""
+        where = f"site {self.name}" + (f" ({self.config.path})" if self.config and self.config.path else "")
+        for key, need, have, what in (("task_cpus", module.get("task_cpus") or 1, self.pilot_cpus, "cores"),
+                                      ("task_gpus", module.get("task_gpus") or 0, self.pilot_gpus, "GPUs"),
+                                      ("task_mem", module.get("task_mem") or 0, self.pilot_mem_mb, "MiB")):
+            if have is not None and need > have:
+                return (f"{key} {need} is more than a worker of {where} ever has ({have} {what}): lower {key} "
+                        f"or give the site's jobs more ({'cpus' if key == 'task_cpus' else key[5:]} in its config"
+                        f"{', slurm.cpus_per_task / gpus / mem' if self.kind == 'slurm' else ''})")
         return None
 
     def launch(self, worker_ids: list[int], module: dict, host: str | None = None) -> dict[int, str | None]:

@@ -35,6 +35,8 @@ class WorkerLaunch:
     runtime: str | None = None             # apptainer, singularity or host; None: whichever is on PATH
     image_cache: str | None = None
     probe: str | None = None               # 'site check': report to this channel and exit, run no task
+    cpus: int | None = None                # outside Slurm: the pilot's cores (None: all of the machine)
+    gpus: int | None = None                # outside Slurm: the pilot's GPUs, ids 0..n-1
 
     def argv(self, python: str | None = None) -> list[str]:
         """The command that starts this worker, one word per item (never a shell string)."""
@@ -44,7 +46,9 @@ class WorkerLaunch:
         if self.walltime_seconds is not None:
             argv += ["--walltime-seconds", _number(self.walltime_seconds)]
         for flag, value in (("--scratch", self.scratch), ("--runtime", self.runtime),
-                            ("--image-cache", self.image_cache), ("--probe", self.probe)):
+                            ("--image-cache", self.image_cache), ("--probe", self.probe),
+                            ("--cpus", self.cpus and str(self.cpus)),
+                            ("--gpus", None if self.gpus is None else str(self.gpus))):
             if value:
                 argv += [flag, value]
         return argv
@@ -53,7 +57,7 @@ class WorkerLaunch:
     def from_options(cls, *, worker_ids: str, scratch: str | None = None, lease_seconds: float = 30.0,
                      idle_seconds: float = 30.0, walltime_seconds: float | None = None,
                      runtime: str | None = None, image_cache: str | None = None,
-                     probe: str | None = None) -> WorkerLaunch:
+                     probe: str | None = None, cpus: int | None = None, gpus: int | None = None) -> WorkerLaunch:
         """The launch the worker command's options describe (the inverse of argv()).
         Raises ValueError for a malformed --worker-ids."""
         try:
@@ -61,7 +65,8 @@ class WorkerLaunch:
         except ValueError:
             raise ValueError(f"--worker-ids {worker_ids!r}: not a comma-separated list of numbers") from None
         return cls(ids, scratch=scratch, lease_seconds=lease_seconds, idle_seconds=idle_seconds,
-                   walltime_seconds=walltime_seconds, runtime=runtime, image_cache=image_cache, probe=probe)
+                   walltime_seconds=walltime_seconds, runtime=runtime, image_cache=image_cache, probe=probe,
+                   cpus=cpus, gpus=gpus)
 
     def worker_id(self, environ: Mapping[str, str]) -> int:
         """This process's row: by array index and by node (srun task) within the job."""

@@ -28,10 +28,20 @@ class LocalSite(Site):
         self.procs: dict[int, subprocess.Popen] = {}
         self.logdir = Path(settings.log_dir)
 
+    @property
+    def pilot_cpus(self) -> int:
+        """A pilot here has the site config's cpus, or every core of the machine."""
+        return (self.config.cpus if self.config and self.config.cpus else None) or os.cpu_count() or 1
+
+    @property
+    def pilot_gpus(self) -> int:
+        return (self.config.gpus if self.config else None) or 0
+
     def admit(self, wanted: int, live: int, pending: int) -> int:
-        if self.config is None:
-            return wanted
-        return max(0, min(wanted, self.config.pool.max_workers - live))
+        # The built-in site is one pilot using every core; a configured one may run
+        # several (of its 'cpus' each), up to max_workers.
+        most = self.config.pool.max_workers if self.config is not None else 1
+        return max(0, min(wanted, most - live))
 
     def gone_hosts(self, hosts: set[str]) -> dict[str, str]:
         # Workers of this site only ever run here.
@@ -47,7 +57,8 @@ class LocalSite(Site):
         for wid in worker_ids:
             argv = WorkerLaunch((wid,), scratch=scratch, lease_seconds=self.settings.lease_seconds,
                                 idle_seconds=self.settings.idle_seconds, runtime=config.runtime if config else None,
-                                image_cache=config.image_cache if config else None).argv()
+                                image_cache=config.image_cache if config else None,
+                                cpus=self.pilot_cpus, gpus=config.gpus if config else None).argv()
             with open(self.logdir / f"worker-{wid}.log", "ab") as logf:
                 # A session of its own: workers outlive a controller restart or a Ctrl-C.
                 self.procs[wid] = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=logf,

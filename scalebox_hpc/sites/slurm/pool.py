@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from collections import deque
 from dataclasses import replace
@@ -83,7 +84,32 @@ class BatchSite(Site):
         if close:
             close()
 
+    @property
+    def pilot_cpus(self) -> int:
+        return self.config.cpus or self.config.slurm.cpus_per_task or 1
+
+    @property
+    def pilot_gpus(self) -> int:
+        """From gpus/gres as written ('2', 'a100:2', 'gpu:a100:2'), or the config's gpus."""
+        if self.config.gpus is not None:
+            return self.config.gpus
+        for text in (self.config.slurm.gpus, self.config.slurm.gres):
+            if text and text.rsplit(":", 1)[-1].isdigit():
+                return int(text.rsplit(":", 1)[-1])
+        return 0
+
+    @property
+    def pilot_mem_mb(self) -> int | None:
+        mem = (self.config.slurm.mem or "").strip().upper().removesuffix("B")
+        match = re.fullmatch(r"(\d+)([KMGT]?)", mem)
+        if not match or match.group(1) == "0":
+            return None
+        return max(1, int(int(match.group(1)) * {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1 << 20}[match.group(2)]))
+
     def unfit(self, module: dict) -> str | None:
+        problem = super().unfit(module)
+        if problem:
+            return problem
         # Workers claim a task only if its task_max_seconds fits in what is left of the
         # walltime: one that never fits would leave the module submitting jobs that
         # exit at once.

@@ -1,0 +1,174 @@
+"""Pilots (issue 11) on the local site with a real PostgreSQL: many tasks at once per
+worker, per-task cores and GPUs, a pipeline in one pilot, slots across pilots, and a
+SIGKILLed pilot's running tasks recovered one attempt each."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import local_site
+from test_faults import query, wait_for
+from test_worker import run_controller_until_done
+
+
+def write_app(root: Path, yaml: str, programs: dict[str, str]) -> Path:
+    (root / "code").mkdir(parents=True)
+    for name, text in programs.items():
+        path = root / "code" / name
+        path.write_text("#!/bin/sh\n" + text)
+        path.chmod(0o755)
+    (root / "app.yaml").write_text(yaml)
+    return root
+
+
+def module_yaml(name: str, command: str, **keys) -> str:
+    text = f"  {name}:\n    base_image: host\n    code_path: ./code\n    command: ./{command}\n"
+    return text + "".join(f"    {k}: {v}\n" for k, v in keys.items())
+
+
+def max_overlap(intervals) -> int:
+    """The most intervals (start, end) open at one instant."""
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda x: (x[0], x[1]))
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def runs(dsn, app_id, module=None):
+    """(worker, slot, cpus, gpus, start, end, stdout) of each successful attempt."""
+    return query(dsn, "SELECT e.worker_id, e.slot, e.cpus, e.gpus, e.t_program_start, e.t_program_end, e.stdout "
+                      "FROM task_exec e JOIN tasks t ON t.id = e.task_id JOIN modules m ON m.id = t.module_id "
+                      "WHERE t.app_id = %s AND e.status_code = 0 AND (%s::text IS NULL OR m.name = %s)",
+                 app_id, module, module)
+
+
+def submit(sbx, app: Path) -> int:
+    return json.loads(sbx("submit", "--json", app, check=0).stdout)["id"]
+
+
+def test_one_pilot_with_4_cores_runs_4_tasks_at_once(sbx, sbx_env, dsn, tmp_path):
+    local_site(sbx_env, tmp_path, cpus=4)
+    app = write_app(tmp_path / "four", "name: four\nmodules:\n" + module_yaml("work", "nap.sh", slots=4),
+                    {"nap.sh": "sleep 1\n"})
+    app_id = submit(sbx, app)
+    sbx("task", "add", app_id, "work", *[f"t{i}" for i in range(8)], check=0)
+    run_controller_until_done(sbx_env, dsn, app_id)
+    rows = runs(dsn, app_id)
+    assert len(rows) == 8
+    assert query(dsn, "SELECT count(*), min(cpus) FROM workers")[0] == (1, 4), "one pilot, of 4 cores"
+    assert max_overlap([(r[4], r[5]) for r in rows]) == 4
+    assert {r[1] for r in rows} == {0, 1, 2, 3} and {r[2] for r in rows} == {1}
+
+
+def test_task_cpus_2_runs_2_at_a_time(sbx, sbx_env, dsn, tmp_path):
+    local_site(sbx_env, tmp_path, cpus=4)
+    app = write_app(tmp_path / "two", "name: two\nmodules:\n" + module_yaml("work", "nap.sh", slots=2, task_cpus=2),
+                    {"nap.sh": "echo $OMP_NUM_THREADS\nsleep 1\n"})
+    app_id = submit(sbx, app)
+    sbx("task", "add", app_id, "work", *[f"t{i}" for i in range(6)], check=0)
+    run_controller_until_done(sbx_env, dsn, app_id)
+    rows = runs(dsn, app_id)
+    assert len(rows) == 6 and query(dsn, "SELECT count(*) FROM workers")[0][0] == 1
+    assert max_overlap([(r[4], r[5]) for r in rows]) == 2
+    assert {r[2] for r in rows} == {2} and {r[6] for r in rows} == {"2\n"}
+
+
+def test_gpu_tasks_see_their_own_devices(sbx, sbx_env, dsn, tmp_path):
+    local_site(sbx_env, tmp_path, cpus=4, gpus=2)
+    app = write_app(tmp_path / "gpu", "name: gpu\nmodules:\n" +
+                    module_yaml("train", "gpu.sh", slots=4, task_gpus=1) + module_yaml("cpu", "gpu.sh", slots=1),
+                    {"gpu.sh": "echo \"cuda=$CUDA_VISIBLE_DEVICES rocr=$ROCR_VISIBLE_DEVICES\"\nsleep 1\n"})
+    app_id = submit(sbx, app)
+    sbx("task", "add", app_id, "train", "a", "b", check=0)
+    sbx("task", "add", app_id, "cpu", "c", check=0)
+    run_controller_until_done(sbx_env, dsn, app_id)
+    train = runs(dsn, app_id, "train")
+    assert max_overlap([(r[4], r[5]) for r in train]) == 2, "both GPU tasks ran at once"
+    assert sorted(r[6] for r in train) == ["cuda=0 rocr=0\n", "cuda=1 rocr=1\n"]
+    assert sorted(r[3] for r in train) == ["0", "1"]
+    # A task that asked for no GPU sees none on a GPU node.
+    assert [r[6] for r in runs(dsn, app_id, "cpu")] == ["cuda= rocr=\n"]
+
+
+def test_pipeline_runs_in_one_pilot(sbx, sbx_env, dsn, tmp_path):
+    """Each stage's tasks start in the pilot that ran the stage before: one worker job
+    (its 4 cores hold what all stages may run at once)."""
+    local_site(sbx_env, tmp_path, cpus=4)
+    yaml = ("name: pipe\nmodules:\n" + module_yaml("scatter", "scatter.sh", sink_modules="[calc]") +
+            module_yaml("calc", "calc.sh", slots=2, sink_modules="[gather]") + module_yaml("gather", "gather.sh"))
+    app = write_app(tmp_path / "pipe", yaml, {
+        "scatter.sh": 'for i in 1 2 3 4 5 6; do echo "$i" >> "$WORK_DIR/sink-tasks.txt"; done\n',
+        "calc.sh": 'sleep 0.3; echo "sq-$(( $1 * $1 ))" > "$WORK_DIR/sink-tasks.txt"\n',
+        "gather.sh": "echo got $1\n"})
+    app_id = submit(sbx, app)
+    sbx("task", "add", app_id, "scatter", "go", check=0)
+    run_controller_until_done(sbx_env, dsn, app_id)
+    assert sorted(r[6] for r in runs(dsn, app_id, "gather")) == sorted(
+        f"got sq-{i * i}\n" for i in range(1, 7))
+    assert query(dsn, "SELECT count(*) FROM workers")[0][0] == 1, "no second worker for the later stages"
+    assert query(dsn, "SELECT count(DISTINCT worker_id) FROM task_exec")[0][0] == 1
+
+
+def test_slots_hold_across_pilots(sbx, sbx_env, dsn, tmp_path):
+    """Three pilots or more serve one app; a module's slots cap its tasks across all."""
+    local_site(sbx_env, tmp_path, cpus=2)
+    yaml = "name: slots\nmodules:\n" + module_yaml("a", "nap.sh", slots=3) + module_yaml("b", "nap.sh", slots=4)
+    app = write_app(tmp_path / "slots", yaml, {"nap.sh": "sleep 0.6\n"})
+    app_id = submit(sbx, app)
+    sbx("task", "add", app_id, "a", *[f"a{i}" for i in range(12)], check=0)
+    sbx("task", "add", app_id, "b", *[f"b{i}" for i in range(12)], check=0)
+    run_controller_until_done(sbx_env, dsn, app_id, timeout=180)
+    a, b = runs(dsn, app_id, "a"), runs(dsn, app_id, "b")
+    assert len(a) == len(b) == 12
+    assert len({r[0] for r in a + b}) >= 3, "the tasks were spread over several pilots"
+    assert max_overlap([(r[4], r[5]) for r in a]) <= 3
+    assert max_overlap([(r[4], r[5]) for r in b]) <= 4
+
+
+def test_sigkilled_pilot_loses_each_running_task_once(sbx, sbx_env, dsn, tmp_path):
+    """SIGKILL of a pilot running 4 tasks: 4 attempts recorded with code 123, each task
+    retried and its message routed exactly once."""
+    local_site(sbx_env, tmp_path, cpus=4)
+    yaml = ("name: kill\nmodules:\n" + module_yaml("work", "work.sh", slots=4, sink_modules="[sink]") +
+            module_yaml("sink", "sink.sh", slots=1))
+    app = write_app(tmp_path / "kill", yaml, {
+        # The first attempt sleeps long (it is the one killed); the retry is quick.
+        "work.sh": '[ "$ATTEMPT" = 1 ] && sleep 60\necho "$1" > "$WORK_DIR/sink-tasks.txt"\n',
+        "sink.sh": "echo $1\n"})
+    app_id = submit(sbx, app)
+    sbx("task", "add", app_id, "work", "w1", "w2", "w3", "w4", check=0)
+    ctl = subprocess.Popen([sys.executable, "-m", "scalebox_hpc", "controller"], env=sbx_env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: query(dsn, "SELECT count(*) FROM tasks WHERE status = -3")[0][0] == 4,
+                 timeout=60, what="4 running tasks")
+        (pid,), = query(dsn, "SELECT DISTINCT w.pid FROM workers w JOIN tasks t ON t.worker_id = w.id "
+                             "WHERE t.status = -3")
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: query(dsn, "SELECT status FROM apps WHERE id = %s", app_id)[0][0] == "FINISHED",
+                 timeout=120, interval=0.2, what="app FINISHED")
+    finally:
+        ctl.terminate()
+        ctl.wait(timeout=30)
+    lost = query(dsn, "SELECT t.body FROM task_exec e JOIN tasks t ON t.id = e.task_id "
+                      "WHERE e.status_code = 123")
+    assert sorted(b for b, in lost) == ["w1", "w2", "w3", "w4"]
+    assert sorted(r[6] for r in runs(dsn, app_id, "sink")) == ["w1\n", "w2\n", "w3\n", "w4\n"]
+    assert query(dsn, "SELECT count(*) FROM tasks t JOIN modules m ON m.id = t.module_id "
+                      "WHERE m.name = 'sink'")[0][0] == 4
+
+
+def test_submit_refuses_a_task_bigger_than_any_pilot(sbx, sbx_env, tmp_path):
+    local_site(sbx_env, tmp_path, cpus=4)
+    app = write_app(tmp_path / "big", "name: big\nmodules:\n" + module_yaml("huge", "x.sh", task_cpus=5),
+                    {"x.sh": "true\n"})
+    proc = sbx("submit", app, check=1)
+    line, = proc.stderr.strip().splitlines()
+    assert "modules.huge" in line and "task_cpus 5" in line and "site local" in line and "4 cores" in line
+    assert "Traceback" not in proc.stderr
