@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import ConfigError
+from .resources import mebibytes
 from .retry import RetryRules
 from .yamlcheck import Checker, Entry, LineMap, describe, parse_yaml
 
@@ -425,16 +426,13 @@ class _AppParser(Checker):
 
     def memory(self, entry: Entry) -> int | None:
         """MiB, from a number (MiB) or a size with a unit: 512M, 4G, 1T (Slurm's units)."""
-        value = entry.value
-        if value is None:
+        if entry.value is None:
             return None
-        text = str(value).strip().upper().removesuffix("B")
-        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)", text)
-        if not match:
-            raise self.error(f"invalid memory size {value!r}: use MiB as a number, or 512M, 4G, 1T",
+        mib = mebibytes(entry.value)
+        if mib is None:
+            raise self.error(f"invalid memory size {entry.value!r}: use MiB as a number, or 512M, 4G, 1T",
                              entry.key, entry.line)
-        scale = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[match.group(2)]
-        return max(1, int(float(match.group(1)) * scale))
+        return mib
 
     def dist_mode(self, entry: Entry) -> str:
         value = (self.text(entry) or "").strip()

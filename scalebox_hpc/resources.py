@@ -81,3 +81,13 @@ def gpu_environment(devices: Sequence[str]) -> dict[str, str]:
     """The variables that give a program these GPUs and no other (an empty list hides all)."""
     value = ",".join(devices)
     return dict.fromkeys(GPU_VARIABLES, value)
+
+
+def mebibytes(value) -> int | None:
+    """MiB from a number (MiB) or a size with Slurm's units (512M, 4G, 1T); None if it
+    is neither."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)", str(value).strip().upper().removesuffix("B"))
+    if not match:
+        return None
+    scale = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[match.group(2)]
+    return max(1, int(float(match.group(1)) * scale))

@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import time
 from collections import deque
 from dataclasses import replace
 
 from ...backoff import Backoff
+from ...resources import mebibytes
 from ...siteconfig import walltime_seconds
 from ...transport import CommandError, TransportError
 from .. import LiveWorker, Site
@@ -100,11 +100,9 @@ class BatchSite(Site):
 
     @property
     def pilot_mem_mb(self) -> int | None:
-        mem = (self.config.slurm.mem or "").strip().upper().removesuffix("B")
-        match = re.fullmatch(r"(\d+)([KMGT]?)", mem)
-        if not match or match.group(1) == "0":
-            return None
-        return max(1, int(int(match.group(1)) * {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1 << 20}[match.group(2)]))
+        # --mem=0 is "all of the node": its size is not known here.
+        mem = self.config.slurm.mem
+        return mebibytes(mem) if mem and mem.strip() not in ("0", "0M", "0G") else None
 
     def unfit(self, module: dict) -> str | None:
         problem = super().unfit(module)
