@@ -99,7 +99,9 @@ def test_local_pipeline_reads_each_file_where_it_was_written(sbx, conn, tmp_path
     assert all(made == used and read == size for _, made, used, read in rows), rows
     sems = dict(conn.execute("SELECT name, value FROM semaphores WHERE app_id = %s", (summary["id"],)).fetchall())
     assert sems == {"bytes_consumed": 8 * size, "files_consumed": 8}
-    # consume's worker was sent to the host its messages named (the local site has one).
-    assert conn.execute("SELECT DISTINCT want_host = host FROM workers w JOIN modules m ON m.id = w.module_id "
-                        "WHERE m.name = 'consume'").fetchall() == [(True,)]
+    # every consume task named a host (to_host) and ran in a pilot on that host.
+    assert conn.execute("SELECT DISTINCT t.to_host IS NOT NULL AND t.to_host = w.host FROM tasks t "
+                        "JOIN modules m ON m.id = t.module_id AND m.name = 'consume' "
+                        "JOIN task_exec e ON e.task_id = t.id JOIN workers w ON w.id = e.worker_id "
+                        "WHERE t.app_id = %s", (summary["id"],)).fetchall() == [(True,)]
     assert not list((tmp_path / "state" / "scratch").glob("scalebox-data/*/*.bin"))   # consumed, removed
