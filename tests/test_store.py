@@ -134,3 +134,28 @@ def test_retry_rules_and_semaphores(dsn):
     assert dict(s.conn.execute("SELECT name, value FROM semaphores").fetchall()) == {"sem": 3, "other": 7}
     assert s.conn.execute("SELECT result FROM apps").fetchone()[0] == "all good"
     assert [r[0] for r in s.conn.execute("SELECT status_code FROM task_exec ORDER BY attempt")] == [1, 0]
+
+
+def test_a_claim_reads_the_ready_index_not_the_rows_in_front(dsn):
+    # An earlier app's 10,000 finished tasks lie in front of this app's 20,000 ready ones,
+    # and the statistics say nearly every row is ready. The claim must go straight to the
+    # ready ones (tasks_ready), not read every row before them in id order.
+    s, stats = connect(dsn), connect(dsn)
+    make_app(s, [str(i) for i in range(10000)])
+    s.conn.execute("UPDATE tasks SET status = 0")
+    app_id, ids = make_app(s, [str(i) for i in range(20000)])
+    s.conn.execute("ANALYZE tasks")
+    wid = running_worker(s, ids["m"])
+    read = ("SELECT coalesce(heap_blks_hit, 0) + coalesce(heap_blks_read, 0) "
+            "FROM pg_statio_user_tables WHERE relname = 'tasks'")
+    s.conn.execute("SELECT pg_stat_force_next_flush()")
+    before = stats.conn.execute(read).fetchone()[0]
+    s.conn.execute("SELECT pg_stat_force_next_flush()")
+    got = s.queue.claim_pilot(worker_id=wid, host="h1", entries=[(ids["m"], 0, 2)])
+    after = stats.conn.execute(read).fetchone()[0]
+    assert [t.body for t in got] == ["0", "1"]
+    assert after - before < 30, f"one claim read {after - before} heap pages of tasks"
+    s.conn.execute("SELECT pg_stat_force_next_flush()")
+    got = claim(s, wid, app_id, ids["m"], 2)        # the one-module claim, the same way
+    assert [t.body for t in got] == ["2", "3"]
+    assert stats.conn.execute(read).fetchone()[0] - after < 30

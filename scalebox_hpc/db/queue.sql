@@ -50,11 +50,11 @@ WHERE id = (SELECT module_id FROM workers WHERE id = %(worker_id)s);
 -- that the controller declared lost, or a paused app, claims nothing.
 WITH c AS (
     SELECT t.id FROM tasks t
-    WHERE t.module_id = %(module_id)s AND t.status = @READY
+    WHERE t.module_id BETWEEN %(module_id)s AND %(module_id)s AND t.status = @READY
       AND (NOT %(host_bound)s OR t.to_host IS NULL OR t.to_host = %(host)s)
       AND EXISTS (SELECT 1 FROM apps a WHERE a.id = %(app_id)s AND a.status = 'RUNNING')
       AND EXISTS (SELECT 1 FROM workers w WHERE w.id = %(worker_id)s AND w.status = 'RUNNING')
-    ORDER BY t.id
+    ORDER BY t.module_id, t.id   -- only tasks_ready gives this order: see 0005_claim_order.sql
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
