@@ -7,9 +7,12 @@
    with free lanes waiting: from the message's commit (the task row's inserted_at) to
    its claim, p50 and p99;
 3. claim latency: one pilot's claim (sbx_claim, one lane, one task), with 10,000 and
-   with 1,000,000 ready tasks queued: p50 and p99 (and the commit of that task apart).
+   with 1,000,000 ready tasks queued: p50 and p99 (and the commit of that task apart);
+4. scale: 1,000 lanes at once, 25 local pilots of 40 lanes, 10,000 tasks of 'sleep 5':
+   tasks/s against the ideal 200/s, the peak of PostgreSQL connections (pg_stat_activity,
+   by application_name) per pilot, and the controller's CPU seconds per minute.
 
-Usage: bench_pilot.py [fill|stage|claim ...] (default: all three)
+Usage: bench_pilot.py [fill|stage|claim|scale ...] (default: all four)
 """
 from __future__ import annotations
 
@@ -134,8 +137,64 @@ def claim(tmp: Path, env: dict, dsn: str) -> None:
     print(f"claim latency 1M / 10k: p50 {p50_big / p50_small:.2f}x, p99 {p99_big / p99_small:.2f}x (target <= 1.5x)")
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process itself (not of its children), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scale(tmp: Path, env: dict, dsn: str) -> None:
+    pilots, lanes, n, seconds = 25, 40, 10_000, 5
+    sites = tmp / "sites-scale"
+    sites.mkdir()
+    (sites / "local.yaml").write_text(
+        f"name: local\nscheduler: local\ncpus: {lanes}\npool:\n  max_workers: {pilots}\n"
+        f"  max_queued_jobs: {pilots}\n  max_submissions_per_minute: 1000\n  idle_seconds: 2\n")
+    app = tmp / "scale"
+    write_app(app, "name: bench-scale\nmodules:\n  nap:\n    base_image: host\n    code_path: ./code\n"
+                   f"    command: ./nap.sh\n    slots: {pilots * lanes}\n    start_task: FILE:bodies.txt\n",
+              {"nap.sh": f"exec sleep {seconds}\n"})
+    (app / "bodies.txt").write_text("".join(f"{i}\n" for i in range(n)))
+    proc = subprocess.Popen([sys.executable, "-m", "scalebox_hpc", "run", "--json", str(app)],
+                            env=dict(env, SCALEBOX_SITES_DIR=str(sites)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    peak = (0, 0, 0)        # (connections of pilots, pilots holding them, their most per pilot)
+    controller_peak, cpu, started = 0, 0.0, time.monotonic()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while proc.poll() is None:
+            rows = conn.execute("SELECT application_name, count(*) FROM pg_stat_activity "
+                                "WHERE application_name LIKE 'scalebox-hpc%%' GROUP BY 1").fetchall()
+            per_pilot = [c for name, c in rows if name.startswith("scalebox-hpc worker ")]
+            controller_peak = max(controller_peak, sum(c for name, c in rows if name == "scalebox-hpc controller"))
+            if sum(per_pilot) > peak[0]:
+                peak = (sum(per_pilot), len(per_pilot), max(per_pilot))
+            cpu = cpu_seconds(proc.pid)
+            time.sleep(0.2)
+    wall = time.monotonic() - started
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        sys.exit(f"scale: run failed ({proc.returncode}): {err.strip()[-500:]}")
+    summary = json.loads(out)
+    with psycopg.connect(dsn) as conn:
+        (busy, ok, workers), = conn.execute(
+            "SELECT extract(epoch FROM max(e.t_completed) - min(e.t_claimed)), count(*) FILTER "
+            "(WHERE e.status_code = 0), count(DISTINCT e.worker_id) FROM task_exec e JOIN tasks t "
+            "ON t.id = e.task_id WHERE t.app_id = %s", (summary["id"],)).fetchall()
+    if ok != n:
+        sys.exit(f"scale: {ok} of {n} tasks ok")
+    ideal = pilots * lanes / seconds
+    rate = n / float(busy)
+    print(f"scale: {n:,} x sleep {seconds} on {workers} pilots x {lanes} lanes: {rate:.1f} tasks/s "
+          f"(first claim to last commit) = {rate / ideal:.3f} of the ideal {ideal:g}/s (target >= 0.9); "
+          f"end to end {n / summary['elapsed_seconds']:.1f}/s")
+    print(f"scale: peak PostgreSQL connections of pilots {peak[0]} for {peak[1]} pilots = "
+          f"{peak[0] / max(1, peak[1]):.2f} per pilot, at most {peak[2]} for one (target <= 2); "
+          f"controller {controller_peak}")
+    print(f"scale: controller CPU {cpu:.1f} s in {wall:.0f} s = {cpu / wall * 60:.1f} CPU s per minute")
+
+
 def main() -> None:
-    wanted = sys.argv[1:] or ["fill", "stage", "claim"]
+    wanted = sys.argv[1:] or ["fill", "stage", "claim", "scale"]
     with tempfile.TemporaryDirectory(prefix="sbx-bench-") as tmp:
         tmp = Path(tmp)
         os.chmod(tmp, 0o755)
@@ -150,7 +209,7 @@ def main() -> None:
                              capture_output=True, text=True).stdout.strip()
         try:
             for name in wanted:
-                {"fill": fill, "stage": stage, "claim": claim}[name](tmp, env, dsn)
+                {"fill": fill, "stage": stage, "claim": claim, "scale": scale}[name](tmp, env, dsn)
         finally:
             time.sleep(2)
             subprocess.run([sys.executable, "-m", "scalebox_hpc", "db", "stop"], env=env, capture_output=True)

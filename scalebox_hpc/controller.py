@@ -50,7 +50,7 @@ class ControllerSettings:
 class Controller:
     def __init__(self, settings: ControllerSettings, sites: dict[str, Site] | None = None):
         self.settings = settings
-        self.database = Database(settings.dsn)
+        self.database = Database(settings.dsn, name="scalebox-hpc controller")
         self.pools = Pools(self.database)
         self.apps = Apps(self.database)
         self.sites = sites if sites is not None else make_sites(settings)

@@ -549,7 +549,7 @@ class Worker:
     def __init__(self, dsn: str, worker_id: int, settings: WorkerSettings):
         self.worker_id = worker_id
         self.settings = settings
-        self.database = Database(dsn, async_commit=True)
+        self.database = Database(dsn, async_commit=True, name=f"scalebox-hpc worker {worker_id}")
         self.queue = Queue(self.database)
         self.host, self.ip = _host_ip()
         self.slurm_job_id = slurm_job_id(os.environ)
@@ -940,7 +940,7 @@ class Worker:
 
     # -- heartbeat ----------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
-        beat = Queue(Database(self.database.dsn, async_commit=True))
+        beat = Queue(Database(self.database.dsn, async_commit=True, name=self.database.name))
         interval = self.settings.lease_seconds / 3
         next_beat = 0.0
         last_ok = time.monotonic()

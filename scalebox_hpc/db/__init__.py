@@ -95,11 +95,12 @@ def _refused_for_good(exc: psycopg.OperationalError) -> bool:
 
 
 def connect(dsn: str, *, autocommit: bool = True, connect_timeout: int = 10,
-            async_commit: bool = False) -> psycopg.Connection:
+            async_commit: bool = False, name: str = "scalebox-hpc") -> psycopg.Connection:
+    """name is the application_name pg_stat_activity shows (a pilot's names its worker id)."""
     extra = {"options": "-c synchronous_commit=off"} if async_commit else {}
     try:
         return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=connect_timeout,
-                               application_name="scalebox-hpc", **extra)
+                               application_name=name, **extra)
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(
             f"cannot connect to the database {describe(dsn)}: {first_line(exc)} "

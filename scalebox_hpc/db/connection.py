@@ -31,16 +31,17 @@ class Database:
     completion and its messages share one transaction, routing stays exactly once.
     """
 
-    def __init__(self, dsn: str, *, async_commit: bool = False):
+    def __init__(self, dsn: str, *, async_commit: bool = False, name: str = "scalebox-hpc"):
         self.dsn = dsn
         self.async_commit = async_commit
+        self.name = name                          # application_name in pg_stat_activity
         self.channels: tuple[str, ...] = ()      # LISTENed on, again after each reconnect
         self._conn: psycopg.Connection | None = None
 
     @property
     def conn(self) -> psycopg.Connection:
         if not self.connected:
-            self._conn = connect(self.dsn, async_commit=self.async_commit)
+            self._conn = connect(self.dsn, async_commit=self.async_commit, name=self.name)
             for channel in self.channels:
                 listen_on(self._conn, channel)
         return self._conn
