@@ -96,7 +96,8 @@ def conn(dsn):
 
 @pytest.fixture(scope="session")
 def slurm():
-    """A real Slurm cluster (two fake nodes) for the session; yields its SLURM_CONF."""
+    """A real Slurm cluster (fake nodes n1, n2 in partition main; n3 of 4 CPUs and 2 fake GPUs
+    in partition big) for the session; yields its SLURM_CONF."""
     base = tempfile.mkdtemp(prefix="sbx-test-slurm-")
     up = subprocess.run(["bash", str(REPO / "tests" / "env" / "slurm-up.sh"), base, "sbxtest", "6917"],
                         capture_output=True, text=True, timeout=900,

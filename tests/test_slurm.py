@@ -1,7 +1,7 @@
-"""Apps on a real Slurm cluster (munge + slurmctld + two slurmd fake nodes, started by
+"""Apps on a real Slurm cluster (munge + slurmctld + three slurmd fake nodes, started by
 tests/env/slurm-up.sh): worker jobs through sbatch, lost jobs, walltime drains, the
 submission rate limit and the degraded state, HOST-BOUND tasks on the node of their
-data, and a node taken down."""
+data, a node taken down, and pilots that fill a 4-CPU node with 2 fake GPUs."""
 from __future__ import annotations
 
 import contextlib
@@ -18,10 +18,11 @@ import pytest
 from conftest import EXAMPLES
 from test_examples import PIPELINE_HOSTS
 from test_faults import ROUTING_APP, assert_routed_once, held_worker, query, wait_for
+from test_pilot import max_overlap, module_yaml, runs, write_app
 
 
 def write_site(sites_dir, name="testcluster", *, walltime="00:30:00", drain=60, partition="main",
-               max_workers=4, per_minute=30, queued=8, max_array=None, scratch=None):
+               max_workers=4, per_minute=30, queued=8, max_array=None, scratch=None, slurm_keys=""):
     sites_dir.mkdir(exist_ok=True)
     if scratch is None:
         # A scratch of this test's own (worker ids restart with every test database), which
@@ -38,6 +39,7 @@ slurm:
   drain_seconds: {drain}
   job_name_prefix: sbxt
 {f"  max_array_size: {max_array}" if max_array else ""}
+{slurm_keys}
 pool:
   max_workers: {max_workers}
   max_queued_jobs: {queued}
@@ -308,3 +310,87 @@ def test_tasks_for_a_node_that_is_down_fail_or_run_anywhere(slurm_env, dsn, tmp_
     assert headers["wanted_host"] == "n2" and "to_host" not in headers
     assert '"wanted_host": "n2"' in out
 
+
+
+# -- pilots that fill a node (issue 11): partition 'big' is node n3, 4 CPUs and 2 fake GPUs.
+
+def pilot_jobs(dsn, app_id):
+    """The Slurm jobs whose pilots ran the app's attempts, and every worker job submitted."""
+    ran = query(dsn, "SELECT DISTINCT w.slurm_job_id FROM task_exec e JOIN workers w ON w.id = e.worker_id "
+                     "JOIN tasks t ON t.id = e.task_id WHERE t.app_id = %s", app_id)
+    return [job for job, in ran], query(dsn, "SELECT count(*) FROM workers")[0][0]
+
+
+@pytest.mark.parametrize("task_cpus, at_once", [(1, 4), (2, 2)])
+def test_a_4_cpu_pilot_job_runs_what_fits_at_once(slurm_env, dsn, tmp_path, task_cpus, at_once):
+    write_site(tmp_path / "sites", partition="big", max_workers=1, slurm_keys="  cpus_per_task: 4")
+    app = write_app(tmp_path / "app", "name: fill\nmodules:\n" +
+                    module_yaml("work", "nap.sh", slots=4, task_cpus=task_cpus, start_task="[a, b, c, d, e, f, g, h]"),
+                    {"nap.sh": 'sleep 2; echo "omp=$OMP_NUM_THREADS"\n'})
+    proc = cli(slurm_env, "run", "--json", "--site", "testcluster", app)
+    assert proc.returncode == 0, proc.stderr
+    app_id = json.loads(proc.stdout)["id"]
+    rows = runs(dsn, app_id)
+    assert len(rows) == 8
+    assert max_overlap([(r[4], r[5]) for r in rows]) == at_once
+    assert {r[6] for r in rows} == {f"omp={task_cpus}\n"} and {r[2] for r in rows} == {task_cpus}
+    jobs, submitted = pilot_jobs(dsn, app_id)
+    assert len(jobs) == 1 and submitted == 1, "one pilot job ran them all"
+    assert query(dsn, "SELECT host, cpus FROM workers") == [("n3", 4)]
+
+
+def test_gpu_tasks_in_a_slurm_pilot_see_their_own_gpus(slurm_env, dsn, tmp_path):
+    write_site(tmp_path / "sites", partition="big", max_workers=1, slurm_keys='  cpus_per_task: 4\n  gpus: "2"')
+    app = write_app(tmp_path / "app", "name: gpus\nmodules:\n" +
+                    module_yaml("train", "gpu.sh", slots=2, task_gpus=1, start_task="[a, b]"),
+                    {"gpu.sh": 'echo "cuda=$CUDA_VISIBLE_DEVICES rocr=$ROCR_VISIBLE_DEVICES"; sleep 2\n'})
+    proc = cli(slurm_env, "run", "--json", "--site", "testcluster", app)
+    assert proc.returncode == 0, proc.stderr
+    app_id = json.loads(proc.stdout)["id"]
+    rows = runs(dsn, app_id)
+    assert max_overlap([(r[4], r[5]) for r in rows]) == 2, "both GPU tasks ran at once"
+    # Slurm gave the job GPUs 0 and 1 (SLURM_JOB_GPUS); each task sees one, not the other's.
+    assert sorted(r[6] for r in rows) == ["cuda=0 rocr=0\n", "cuda=1 rocr=1\n"]
+    assert query(dsn, "SELECT gpus FROM workers") == [(2,)]
+
+
+def test_a_3_module_pipeline_runs_in_one_pilot_job(slurm_env, dsn, tmp_path):
+    # max_workers 3: the controller may submit more jobs; it must see that one holds all.
+    write_site(tmp_path / "sites", partition="big", max_workers=3, slurm_keys="  cpus_per_task: 4")
+    yaml = ("name: pipe\nmodules:\n" + module_yaml("scatter", "scatter.sh", sink_modules="[calc]", start_task="go") +
+            module_yaml("calc", "calc.sh", slots=2, sink_modules="[gather]") + module_yaml("gather", "gather.sh"))
+    app = write_app(tmp_path / "pipe", yaml, {
+        "scatter.sh": 'for i in 1 2 3 4 5 6; do echo "$i" >> "$WORK_DIR/sink-tasks.txt"; done\n',
+        "calc.sh": 'sleep 1; echo "sq-$(( $1 * $1 ))" > "$WORK_DIR/sink-tasks.txt"\n',
+        "gather.sh": "echo got $1\n"})
+    proc = cli(slurm_env, "run", "--json", "--site", "testcluster", app)
+    assert proc.returncode == 0, proc.stderr
+    app_id = json.loads(proc.stdout)["id"]
+    assert sorted(r[6] for r in runs(dsn, app_id, "gather")) == sorted(f"got sq-{i * i}\n" for i in range(1, 7))
+    jobs, submitted = pilot_jobs(dsn, app_id)
+    assert len(jobs) == 1 and submitted == 1, f"later stages got their own sbatch: {jobs}, {submitted} workers"
+
+
+def test_walltime_drain_of_a_pilot_with_4_lanes_running(slurm_env, dsn, tmp_path):
+    """One-minute jobs of 4 lanes, tasks of 20 s: the first job runs 4, claims nothing
+    that would outlive its drain, drains on USR1; the next job runs the other 4."""
+    write_site(tmp_path / "sites", partition="big", walltime="1", drain=30, max_workers=1,
+               slurm_keys="  cpus_per_task: 4")
+    app = write_app(tmp_path / "app", "name: drain\nmodules:\n" +
+                    module_yaml("w", "work.sh", slots=4, task_max_seconds=25,
+                                start_task="[t0, t1, t2, t3, t4, t5, t6, t7]"),
+                    {"work.sh": "sleep 20\n"})
+    proc = cli(slurm_env, "run", "--json", "--site", "testcluster", app, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    app_id = json.loads(proc.stdout)["id"]
+    codes = query(dsn, "SELECT e.status_code, count(*) FROM task_exec e JOIN tasks t ON t.id = e.task_id "
+                       "WHERE t.app_id = %s GROUP BY 1", app_id)
+    assert codes == [(0, 8)], f"attempts lost to the walltime: {codes}"
+    per_job = query(dsn, "SELECT w.slurm_job_id, count(*) FROM task_exec e JOIN workers w ON w.id = e.worker_id "
+                         "GROUP BY 1 ORDER BY 1")
+    assert len(per_job) >= 2 and max(n for _, n in per_job) <= 4, per_job
+    rows = runs(dsn, app_id)
+    assert max_overlap([(r[4], r[5]) for r in rows]) == 4, "the pilot ran 4 lanes at once"
+    drained = query(dsn, "SELECT count(*) FROM workers WHERE message LIKE 'walltime%%' "
+                         "OR message LIKE 'drained on SIGUSR1%%'")[0][0]
+    assert drained >= 1

@@ -7,7 +7,9 @@
 # - Starts munged if none answers (one munged serves every cluster on the machine).
 # - Writes DIR/slurm.conf: slurmctld on 127.0.0.1:PORT_BASE, fake nodes n1/n2 (slurmd on
 #   PORT_BASE+11 / PORT_BASE+12, CPUs=2 RealMemory=2000 each by default), partitions `main` (default) and
-#   `short`, every state/spool/pid/log path under DIR.
+#   `short`, every state/spool/pid/log path under DIR; and a bigger node n3 (PORT_BASE+13, CPUs=4,
+#   RealMemory=4000, two fake GPUs: gres gpu:2 on /dev/tty1 and /dev/tty2, which no task opens)
+#   alone in partition `big`, for pilots that fill a node.
 # - Starts slurmctld and `slurmd -N n1`, `slurmd -N n2` (PID files under DIR/run), waits until both
 #   nodes are up (idle, or busy with recovered jobs), then prints `export SLURM_CONF=DIR/slurm.conf`
 #   on stdout. Everything else goes to stderr.
@@ -39,7 +41,7 @@ PORT_BASE=${3:-6817}
 TIMEOUT=${SLURM_UP_TIMEOUT:-60}
 CPUS=${SLURM_UP_CPUS:-2}
 [[ "$CPUS" =~ ^[1-9][0-9]*$ ]] || die "SLURM_UP_CPUS must be a positive integer, not '$CPUS'"
-NODES=(n1 n2)
+NODES=(n1 n2 n3)
 CONF="$DIR/slurm.conf"
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 
@@ -156,14 +158,18 @@ SlurmdTimeout=20
 MessageTimeout=10
 
 EOF
-  i=1
-  for n in "${NODES[@]}"; do
-    echo "NodeName=$n NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((PORT_BASE + 10 + i)) CPUs=$CPUS RealMemory=$((1000 * CPUS)) State=UNKNOWN"
-    i=$((i + 1))
+  echo "GresTypes=gpu"
+  for i in 1 2; do
+    echo "NodeName=n$i NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((PORT_BASE + 10 + i)) CPUs=$CPUS RealMemory=$((1000 * CPUS)) State=UNKNOWN"
   done
-  echo "PartitionName=main Nodes=n[1-${#NODES[@]}] Default=YES State=UP MaxTime=INFINITE"
-  echo "PartitionName=short Nodes=n[1-${#NODES[@]}] Default=NO State=UP MaxTime=INFINITE"
+  echo "NodeName=n3 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((PORT_BASE + 13)) CPUs=4 RealMemory=4000 Gres=gpu:2 State=UNKNOWN"
+  echo "PartitionName=main Nodes=n[1-2] Default=YES State=UP MaxTime=INFINITE"
+  echo "PartitionName=short Nodes=n[1-2] Default=NO State=UP MaxTime=INFINITE"
+  echo "PartitionName=big Nodes=n3 Default=NO State=UP MaxTime=INFINITE"
 )
+# n3's GPUs are two device files that exist everywhere; Slurm hands out their indices
+# (CUDA_VISIBLE_DEVICES, SLURM_JOB_GPUS) and, with task/none, constrains nothing.
+new_gres=$'AutoDetect=off\nNodeName=n3 Name=gpu File=/dev/tty[1-2]'
 
 # ---------------------------------------------------------------- daemon helpers
 # A PID file is trusted only if that process is alive and its command line names our slurm.conf
@@ -205,6 +211,7 @@ fi
 
 mkdir -p "$DIR/state" "$DIR/run" "$DIR/log"
 for n in "${NODES[@]}"; do mkdir -p "$DIR/spool/$n"; done
+printf '%s\n' "$new_gres" >"$DIR/gres.conf.tmp" && mv -f "$DIR/gres.conf.tmp" "$DIR/gres.conf"
 if [ "$old_conf" != "$new_conf" ]; then
   printf '%s\n' "$new_conf" >"$CONF.tmp" && mv -f "$CONF.tmp" "$CONF"
   log "wrote $CONF (cluster $CLUSTER, slurmctld port $PORT_BASE, slurmd ports $((PORT_BASE + 11))-$((PORT_BASE + 10 + ${#NODES[@]})))"
@@ -267,7 +274,7 @@ while :; do
     case "$st" in idle | mixed | allocated) ;; *) ok=0 ;; esac
   done
   [ $ok = 1 ] && break
-  for f in "$ctld_pidfile" "$(slurmd_pidfile n1)" "$(slurmd_pidfile n2)"; do
+  for f in "$ctld_pidfile" $(for n in "${NODES[@]}"; do slurmd_pidfile "$n"; done); do
     pid_of "$f" >/dev/null || { log_tails; die "daemon for $f exited while waiting; node states: $(echo $states)"; }
   done
   if [ $SECONDS -ge $deadline ]; then
