@@ -285,6 +285,8 @@ def controller(ctx, once):
 @click.option("--runtime", type=click.Choice(RUNTIMES),
               help="Container runtime for modules with an image (default: whichever is on PATH).")
 @click.option("--image-cache", help="Directory for pulled images (default: under the scratch root).")
+@click.option("--container-gpu", type=click.Choice(["nv", "rocm"]),
+              help="Give containers the pilot's GPUs with --nv or --rocm (the site's container_gpu).")
 @click.option("--cpus", type=click.IntRange(1), help="Outside Slurm: the cores this pilot uses (default: all).")
 @click.option("--gpus", type=click.IntRange(0), help="Outside Slurm: the GPUs this pilot uses, ids 0..N-1.")
 @click.option("--probe", metavar="CHANNEL", hidden=True,
@@ -319,6 +321,7 @@ def worker(ctx, log_file, verbose, **options):
                               runtime=launch.runtime or os.environ.get("SCALEBOX_RUNTIME"),
                               image_cache=launch.image_cache or os.environ.get("SCALEBOX_IMAGE_CACHE"),
                               pull_timeout=config.env_float("SCALEBOX_PULL_TIMEOUT", 900.0),
+                              container_gpu=launch.container_gpu,
                               cpus=launch.cpus,
                               gpus=None if launch.gpus is None else tuple(map(str, range(launch.gpus))))
     settings.job_end = job_end_time(os.environ, launch.walltime_seconds)

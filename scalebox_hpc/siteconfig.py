@@ -20,7 +20,7 @@ from psycopg.conninfo import conninfo_to_dict
 from .yamlcheck import Checker, Entry, LineMap, describe, parse_yaml
 from .errors import ConfigError
 from .ssh import SSHSettings, parse_jump
-from .states import RUNTIMES
+from .states import CONTAINER_GPU_FLAGS, RUNTIMES
 
 SCHEDULERS = ("local", "slurm")
 SSH_KEYS = ("host", "port", "user", "key", "jump", "known_hosts", "control_path", "control_persist",
@@ -78,6 +78,7 @@ class SiteConfig:
     path: str                          # file it came from ('' for the built-in local site)
     scheduler: str = "local"
     runtime: str | None = None         # None: apptainer or singularity, whichever the node has
+    container_gpu: str = "none"        # nv / rocm: containers of a pilot with GPUs get --nv / --rocm
     image_cache: str | None = None
     scratch_root: str | None = None    # may hold $VARS, expanded on the node at run time
     inbox: str | None = None           # where data forwarded from other sites arrives (on the site)
@@ -146,7 +147,8 @@ class _SiteParser(Checker):
                              "name", name_entry.line if name_entry else None)
         site = SiteConfig(name=name, path=path, line=doc.line)
 
-        for key, choices in (("scheduler", SCHEDULERS), ("runtime", RUNTIMES)):
+        for key, choices in (("scheduler", SCHEDULERS), ("runtime", RUNTIMES),
+                             ("container_gpu", tuple(CONTAINER_GPU_FLAGS))):
             if key in entries:
                 setattr(site, key, self.choice(entries[key], choices))
         for key in ("image_cache", "scratch_root", "inbox", "python", "log_dir"):

@@ -101,6 +101,8 @@ def meaning(code: int) -> str:
 CONTAINER_RUNTIMES = ("apptainer", "singularity")
 #: what a site config's 'runtime' and the worker's --runtime may say ('host': no container)
 RUNTIMES = ("host", *CONTAINER_RUNTIMES)
+#: a site's 'container_gpu': the runtime flag that gives containers the node's GPUs
+CONTAINER_GPU_FLAGS = {"nv": "--nv", "rocm": "--rocm", "none": None}
 
 
 def is_failure(code: int) -> bool:

@@ -35,7 +35,7 @@ from .policy import Budget, Candidate, plan, stages
 from .resources import NodeResources, gpu_environment, node_resources
 from .sites.launch import DRAIN_MARGIN
 from .runtimes import ImageError, OutputBuffer, ProgramResult, RuntimePlace, runtime_for, utcnow
-from .states import AppStatus, Code, WorkerStatus
+from .states import CONTAINER_GPU_FLAGS, AppStatus, Code, WorkerStatus
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class WorkerSettings:
     runtime: str | None = None        # the site's container binary: apptainer, singularity, host; None: any on PATH
     image_cache: str | None = None    # where pulled images go (default: under scratch_root)
     pull_timeout: float = 900.0
+    container_gpu: str | None = None  # nv / rocm: containers get --nv / --rocm when the pilot has GPUs
     cpus: int | None = None           # outside Slurm: the cores to use (None: all of the machine)
     gpus: tuple[str, ...] | None = None   # outside Slurm: the GPU ids to use (None: CUDA_VISIBLE_DEVICES)
     mem_mb: int | None = None         # outside Slurm: the memory to count (None: not counted)
@@ -186,7 +187,7 @@ class TaskRunner:
     """One module's programs in one lane (or its hooks): WORK_DIR, output buffers and
     runtime, and everything one attempt does, from WORK_DIR to its TaskResult."""
 
-    def __init__(self, pilot: "Worker", state: ModuleState, lane: Lane, scratch: Path, instance: str):
+    def __init__(self, pilot: "Worker", state: ModuleState, lane: Lane, scratch: Path):
         self.pilot, self.state, self.lane = pilot, state, lane
         self.settings, self.worker_id, self.host, self.ip = pilot.settings, pilot.worker_id, pilot.host, pilot.ip
         self.module, self.module_id, self.module_name = state.module, state.module_id, state.module_name
@@ -201,10 +202,12 @@ class TaskRunner:
         self.workdir_ready = os.path.isdir(self.workdir) and not os.listdir(self.workdir)
         self.failed_workdirs = 0
         s = self.settings
+        gpu_flag = CONTAINER_GPU_FLAGS.get(s.container_gpu or "none")
         self.runtime = runtime_for(self.module, RuntimePlace(
             workdir=self.workdir, data_dir=str(self.data_dir), binary=s.runtime, pull_timeout=s.pull_timeout,
             image_cache=os.path.expandvars(s.image_cache or os.path.join(s.scratch_root, "scalebox-images")),
-            instance_name=instance))
+            root=str(pilot.scratch), instance_prefix=f"sbx-{self.worker_id}-{os.getpid()}",
+            gpu_flags=(gpu_flag,) if gpu_flag and pilot.resources.gpus else (), images=pilot.images))
         self.runtime_error: tuple[float, str] | None = None     # (when, why) prepare() last failed
         self.space_checked = (0.0, None)
 
@@ -568,6 +571,7 @@ class Worker:
         self.states: dict[int, ModuleState] = {}
         self.lanes: list[Lane] = []
         self.resources = NodeResources(cpus=1)
+        self.images = {}                    # container images of its modules, one instance each (runtimes)
         self.scratch = Path(settings.scratch_root) / f"worker-{worker_id}"
         # How long to keep trying an unreachable database before giving up.
         self.patience = max(60.0, 10 * settings.lease_seconds)
@@ -583,8 +587,7 @@ class Worker:
                 targets = {name: ForwardTarget.from_json(name, data)
                            for name, data in self.queue.site_configs().items()}
             state = ModuleState(ctx, self.settings, self.host, self.ip, targets)
-            state.hooks = TaskRunner(self, state, Lane(-1), self.scratch / f"hooks-m{module_id}",
-                                     f"sbx-{self.worker_id}-{os.getpid()}-h{module_id}")
+            state.hooks = TaskRunner(self, state, Lane(-1), self.scratch / f"hooks-m{module_id}")
             self.states[module_id] = state
         names = {s.module_name: s for s in self.states.values()}
         main_router = next(iter(self.states.values())).main_router
@@ -599,9 +602,8 @@ class Worker:
     def _runner(self, lane: Lane, state: ModuleState) -> TaskRunner:
         runner = lane.runners.get(state.module_id)
         if runner is None:
-            runner = lane.runners[state.module_id] = TaskRunner(
-                self, state, lane, self.scratch / f"slot-{lane.index}",
-                f"sbx-{self.worker_id}-{os.getpid()}-{lane.index}-m{state.module_id}")
+            runner = lane.runners[state.module_id] = TaskRunner(self, state, lane,
+                                                                self.scratch / f"slot-{lane.index}")
         return runner
 
     def _runners(self):
@@ -715,6 +717,8 @@ class Worker:
             runners = list(self._runners())
             for runner in runners:
                 runner.runtime.close()
+            for image in self.images.values():
+                image.close()
             if not any(r.failed_workdirs for r in runners):
                 shutil.rmtree(self.scratch, ignore_errors=True)
             if self.app_status in AppStatus.TERMINAL:

@@ -59,9 +59,15 @@ def test_program_contract_inside_the_container(container_env, dsn, open_dir, mod
         seen = json.loads(stdout)
         assert seen["argv"][0] == body                      # byte-exact, no shell in between
         assert isinstance(json.loads(seen["argv"][1]), dict)   # "$2": the headers as JSON
-        assert seen["exe"] == "/app/bin/show.py" and seen["cwd"] == "/work"
         env = seen["env"]
-        assert env["WORK_DIR"] == "/work" and env["GREETING"] == "hi" and env["APP_ID"] == str(app_id)
+        # exec mode binds WORK_DIR at /work; an instance binds the pilot's scratch there,
+        # each lane's WORK_DIR a directory of its own under it.
+        if mode == "exec":
+            assert env["WORK_DIR"] == "/work"
+        else:
+            assert re.fullmatch(r"/work/slot-\d+/work-m\d+", env["WORK_DIR"]), env["WORK_DIR"]
+        assert seen["exe"] == "/app/bin/show.py" and seen["cwd"] == env["WORK_DIR"]
+        assert env["GREETING"] == "hi" and env["APP_ID"] == str(app_id)
         assert env["MODULE_NAME"] == "show" and env["DATA_DIR"].startswith(container_env["SCALEBOX_SCRATCH"])
         assert "SBX_LEAK" not in env and "SCALEBOX_DSN" not in env      # a clean environment
         assert files == ["result.txt"] and size == 10
@@ -93,7 +99,7 @@ def test_instance_agent_runs_each_task_exactly(container_env, open_dir, monkeypa
     """The agent inside an instance: argv byte for byte (empty, trailing newlines, quotes,
     '='), exit codes, stderr, a clean environment, a timeout that keeps partial output,
     a kill from another thread, and the per-task exec fallback for a call too big for it."""
-    from scalebox_hpc.runtimes.apptainer import AGENT_FILES, ContainerRuntime, find_runtime
+    from scalebox_hpc.runtimes.apptainer import AGENT_FILES, ContainerImage, ContainerRuntime, find_runtime
     from scalebox_hpc.runtimes.base import OutputBuffer
 
     for key, value in container_env.items():
@@ -111,10 +117,10 @@ def test_instance_agent_runs_each_task_exactly(container_env, open_dir, monkeypa
         d.chmod(0o777)
     # The runtime moves into WORK_DIR to start programs (as a worker does): come back after.
     monkeypatch.chdir(work)
-    rt = ContainerRuntime(binary=find_runtime(None), image=container_env["SBX_TEST_IMAGE_SIF"], mode="instance",
-                          code_path=str(code), workdir=str(work), data_dir=str(data), volumes=[],
-                          cache_dir=str(scratch / "cache"), name=f"sbx-agent-test-{os.getpid()}",
-                          variables={"EXIT", "WORK_DIR"})
+    image = ContainerImage(binary=find_runtime(None), image=container_env["SBX_TEST_IMAGE_SIF"], root=str(scratch),
+                           code_path=str(code), data_dir=str(data), volumes=[], cache_dir=str(scratch / "cache"),
+                           name=f"sbx-agent-test-{os.getpid()}")
+    rt = ContainerRuntime(image, mode="instance", workdir=str(work), variables={"EXIT", "WORK_DIR"})
     out, err = OutputBuffer("out", 4096), OutputBuffer("err", 4096)
 
     def run(body, exit_code=0, program="args.sh", timeout=None):
@@ -145,6 +151,61 @@ def test_instance_agent_runs_each_task_exactly(container_env, open_dir, monkeypa
         assert not any(os.path.exists(work / f) for f in AGENT_FILES)
     finally:
         rt.close()
+        image.close()
+
+
+NS = """#!/bin/sh
+echo "ns=$(readlink /proc/self/ns/mnt) cuda=$CUDA_VISIBLE_DEVICES slot=$SLOT_ID work=$WORK_DIR pwd=$(pwd)"
+sleep 1.5
+"""
+
+
+def test_lanes_run_tasks_side_by_side_in_one_instance(container_env, dsn, open_dir, tmp_path):
+    """A pilot of 4 cores and 2 GPUs serving two modules of one image in instance mode:
+    one instance for both, its tasks in it at the same time (one mount namespace), each
+    in a WORK_DIR of its own, GPU tasks with their own device; the instance is started
+    with --nv (the site's container_gpu) and stopped when the pilot leaves."""
+    from conftest import local_site
+
+    local_site(container_env, tmp_path, cpus=4, gpus=2, container_gpu="nv")
+    app = open_dir()
+    (app / "code").mkdir()
+    (app / "code" / "ns.sh").write_text(NS)
+    (app / "code" / "ns.sh").chmod(0o755)
+    image = container_env["SBX_TEST_IMAGE_SIF"]
+    modules = "".join(f"  {name}:\n    base_image: {image}\n    code_path: ./code\n    command: ./ns.sh\n"
+                      f"    container_mode: instance\n    slots: 2\n    start_task: [{name}1, {name}2, {name}3]\n"
+                      + extra for name, extra in (("gpu", "    task_gpus: 1\n"), ("cpu", "")))
+    (app / "app.yaml").write_text("name: shared\nmodules:\n" + modules)
+    proc = subprocess.run([sys.executable, "-m", "scalebox_hpc", "run", "--json", str(app)], env=container_env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    app_id = json.loads(proc.stdout)["id"]
+    rows = query(dsn, "SELECT m.name, e.stdout, e.t_program_start, e.t_program_end, e.worker_id FROM task_exec e "
+                      "JOIN tasks t ON t.id = e.task_id JOIN modules m ON m.id = t.module_id "
+                      "WHERE t.app_id = %s AND e.status_code = 0", app_id)
+    assert len(rows) == 6 and len({r[4] for r in rows}) == 1, "one pilot ran all six"
+    seen = [dict(word.split("=", 1) for word in r[1].split()) for r in rows]
+    assert len({s["ns"] for s in seen}) == 1, f"all tasks in one instance: {seen}"
+    events = sorted([(r[2], 1) for r in rows] + [(r[3], -1) for r in rows], key=lambda e: (e[0], e[1]))
+    running = most = 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    assert most == 4, "4 tasks at once in the instance"
+    assert all(s["work"] == s["pwd"] == f"/work/slot-{s['slot']}/" + s["work"].rsplit("/", 1)[1] for s in seen)
+    gpu = [s for (name, *_), s in zip(rows, seen) if name == "gpu"]
+    assert {s["cuda"] for s in gpu} == {"0", "1"}
+    assert all(s.get("cuda", "") == "" for (name, *_), s in zip(rows, seen) if name == "cpu")
+    logs = Path(container_env["SCALEBOX_STATE_DIR"]) / "logs"
+
+    def log_text():
+        return "".join(p.read_text() for p in logs.glob("worker-*.log"))
+    started = re.findall(r"instance (sbx-\S+) of \S+ started with --nv$", log_text(), re.M)
+    assert len(started) == 1, log_text()[-2000:]
+    # The run ends with the app; the pilot stops its instance just after.
+    wait_for(lambda: f"instance {started[0]} stopped" in log_text(), timeout=30, interval=0.5,
+             what="the instance to stop")
 
 
 def test_missing_image_and_failed_pull_are_task_errors(container_env, dsn, open_dir):

@@ -23,7 +23,7 @@ ALLOWED = {
     "appdef": FOUNDATION | {"retry", "yamlcheck", "resources"},
     "config": FOUNDATION | {"db"},
     "db": FOUNDATION | {"retry", "appdef"},
-    "runtimes": FOUNDATION | {"appdef"},
+    "runtimes": FOUNDATION | {"appdef", "resources"},
     "ssh": FOUNDATION,
     "transport": FOUNDATION | {"ssh"},
     "transfer": FOUNDATION | {"ssh"},

@@ -58,7 +58,7 @@ def test_example_configs_load():
     assert test.path == str(SITE_CONFIGS / "testcluster.yaml")
 
     uni = sites["university-cluster"]
-    assert uni.runtime == "apptainer" and uni.scratch_root == "$TMPDIR"
+    assert uni.runtime == "apptainer" and uni.scratch_root == "$TMPDIR" and uni.container_gpu == "nv"
     assert uni.slurm.account and uni.slurm.gres == "gpu:1" and uni.slurm.mem == "32G"
     assert "conda activate scalebox" in uni.slurm.worker_init
     assert uni.database == DatabaseSettings(dsn=None, passfile="/home/alice/.pgpass", service="scalebox")
@@ -170,6 +170,7 @@ def test_script_values_are_conservative(tmp_path, key, value):
     ("env:\n  PGPASSWORD: secret\n", "env.PGPASSWORD: no passwords"),
     ("database:\n  passfile: .pgpass\n", "database.passfile: '.pgpass' is not an absolute path"),
     ("runtime: docker\n", "runtime: unknown value 'docker'"),
+    ("container_gpu: cuda\n", "container_gpu: unknown value 'cuda'"),
     ("name: -bad\n", "name: invalid site name '-bad'"),
 ])
 def test_invalid_values(tmp_path, text, needle):

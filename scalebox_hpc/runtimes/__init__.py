@@ -7,15 +7,15 @@ the worker or the database.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..appdef import ModuleDef
-from .apptainer import ContainerRuntime, ImageError, find_runtime
+from .apptainer import ContainerImage, ContainerRuntime, ImageError, find_runtime
 from .base import TASK_VARIABLES, OutputBuffer, ProgramResult, Runtime, utcnow
 from .builtin import BuiltinRuntime
 from .host import HostRuntime
 
-__all__ = ["RuntimePlace", "runtime_for", "Runtime", "ProgramResult", "OutputBuffer", "ImageError",
+__all__ = ["RuntimePlace", "runtime_for", "Runtime", "ProgramResult", "OutputBuffer", "ImageError", "ContainerImage",
            "TASK_VARIABLES", "utcnow"]
 
 
@@ -25,9 +25,13 @@ class RuntimePlace:
     workdir: str                       # the task's WORK_DIR on node-local scratch
     data_dir: str                      # the app's DATA_DIR on this node
     image_cache: str                   # where registry images are pulled to
-    instance_name: str                 # a container instance's name, unique on the node
+    root: str                          # the pilot's scratch directory (WORK_DIRs are under it)
+    instance_prefix: str               # container instance names start so, unique on the node
     binary: str | None = None          # the site's runtime: apptainer, singularity, host; None: any on PATH
     pull_timeout: float = 900.0
+    gpu_flags: tuple[str, ...] = ()    # --nv / --rocm for every container of a pilot with GPUs
+    # The pilot's images, shared by its lanes: one per (image, mounts), one instance each.
+    images: dict = field(default_factory=dict)
 
 
 def runtime_for(module: ModuleDef, place: RuntimePlace) -> Runtime:
@@ -35,8 +39,13 @@ def runtime_for(module: ModuleDef, place: RuntimePlace) -> Runtime:
         return BuiltinRuntime()
     if not module.in_container:
         return HostRuntime()
-    return ContainerRuntime(
-        binary=find_runtime(place.binary), image=module.base_image, mode=module.container_mode,
-        code_path=module.code_path, workdir=place.workdir, data_dir=place.data_dir, volumes=list(module.volumes),
-        cache_dir=place.image_cache, name=place.instance_name, pull_timeout=place.pull_timeout,
-        variables=TASK_VARIABLES | set(module.environments))
+    key = (module.base_image, module.code_path, place.data_dir, tuple(module.volumes))
+    shared = place.images.get(key)
+    if shared is None:
+        shared = place.images[key] = ContainerImage(
+            binary=find_runtime(place.binary), image=module.base_image, root=place.root, data_dir=place.data_dir,
+            code_path=module.code_path, volumes=list(module.volumes), cache_dir=place.image_cache,
+            name=f"{place.instance_prefix}-i{len(place.images)}", gpu_flags=place.gpu_flags,
+            pull_timeout=place.pull_timeout)
+    return ContainerRuntime(shared, mode=module.container_mode, workdir=place.workdir,
+                            variables=TASK_VARIABLES | set(module.environments))

@@ -5,10 +5,11 @@ the image (a .sif file, a sandbox directory, or a docker:// / oras:// / library:
 pulled once per site into the image cache) and the mode:
 
 - ``exec``: one `apptainer exec` per task;
-- ``instance``: one `apptainer instance start` per worker, stopped when the worker
-  leaves. Inside it runs one small agent (a POSIX shell loop, started once with `exec
-  instance://NAME`) that starts each task's program: a task then costs a fork and an
-  exec, not a container entry. The task's argv and environment reach the program
+- ``instance``: one `apptainer instance start` per pilot and image (ContainerImage),
+  shared by all its lanes and stopped when the pilot leaves. Each lane runs one small
+  agent in it (a POSIX shell loop, started once with `exec instance://NAME`) that
+  starts that lane's programs: a task then costs a fork and an exec, not a container
+  entry, and the lanes' tasks run side by side in the one instance. The task's argv and environment reach the program
   through a NUL-separated file read by `xargs -0` (never through a shell string); an
   image without `xargs` and `env`, or a call too large for one `xargs` command line,
   falls back to one `exec instance://NAME` per task.
@@ -18,9 +19,11 @@ binary); they are started like host programs (posix_spawn, pidfd timeouts, captu
 output), and pulls and instance starts run with time limits, so a registry that does
 not answer fails the task rather than hanging the worker.
 
-Inside the container: WORK_DIR is bound at /work (the working directory), code_path at
-/app/bin (read-only), DATA_DIR at its own path, and the module's volumes. The
-environment is clean (--cleanenv) plus exactly the task's variables.
+Inside the container: WORK_DIR is the working directory: /work in exec mode (bound per
+task), /work/slot-N/work-mM in an instance (the pilot's scratch is bound at /work);
+code_path is at /app/bin (read-only), DATA_DIR at its own path, and the module's
+volumes. The environment is clean (--cleanenv) plus exactly the task's variables
+(with its own GPUs); a site's `container_gpu` adds --nv or --rocm on a pilot with GPUs.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import select
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 from ..errors import ScaleboxError, last_line
@@ -44,9 +48,10 @@ log = logging.getLogger(__name__)
 REMOTE_IMAGE = re.compile(r"^(docker|oras|library|shub|https?)://")
 CONTAINER_WORK = "/work"
 CONTAINER_CODE = "/app/bin"
-# The agent in an instance: for each line on stdin, run the call in /work/.sbx-call
-# (NUL-separated: VAR=value..., program, body, headers) with a clean environment (the
-# container's PATH and HOME kept), output to files in /work, and answer the exit status.
+# The agent in an instance, one per lane, started in the lane's WORK_DIR: for each line
+# on stdin, run the call in .sbx-call (NUL-separated: VAR=value..., program, body,
+# headers) with a clean environment (the container's PATH and HOME kept), output to
+# files in WORK_DIR, and answer the exit status.
 # The script is constant: no task data is ever part of a shell string.
 AGENT_CALL, AGENT_OUT, AGENT_ERR = ".sbx-call", ".sbx-stdout", ".sbx-stderr"
 AGENT_FILES = (AGENT_CALL, AGENT_OUT, AGENT_ERR)
@@ -55,8 +60,7 @@ AGENT_SCRIPT = (
     'echo ready; '
     'while IFS= read -r _; do '
     'xargs -0 -x sh -c \'env -i PATH="$PATH" HOME="$HOME" "$@" 3>&-; echo "$?" >&3\' sh '
-    '3>&1 <' + CONTAINER_WORK + '/' + AGENT_CALL + ' >' + CONTAINER_WORK + '/' + AGENT_OUT +
-    ' 2>' + CONTAINER_WORK + '/' + AGENT_ERR + ' || echo 126; '
+    '3>&1 <' + AGENT_CALL + ' >' + AGENT_OUT + ' 2>' + AGENT_ERR + ' || echo 126; '
     'done')
 # xargs must never split a call in two: larger calls take the per-task exec path.
 AGENT_MAX_CALL = 96 * 1024
@@ -140,32 +144,34 @@ def _remove(path: str) -> None:
         pass
 
 
-class ContainerRuntime(HostRuntime):
-    """Programs run with `BINARY exec` in the module's image (or a worker's instance)."""
+class ContainerImage:
+    """One image on this node as a pilot's lanes share it: resolved (pulled) once, and in
+    instance mode one running instance that every lane's tasks run in at once.
 
-    def __init__(self, *, binary: str | None, image: str, mode: str, code_path: str | None,
-                 workdir: str, data_dir: str, volumes: list[str], cache_dir: str, name: str,
-                 variables: set[str], pull_timeout: float = 900.0):
-        super().__init__()
-        self.variables = variables            # names of the task variables the container gets
+    The instance binds the pilot's scratch directory (``root``) at /work, so each lane's
+    WORK_DIR is a directory of its own under /work; the app's DATA_DIR, the module's
+    code_path and volumes are bound as in exec mode. Modules of the pilot that name the
+    same image with the same mounts share the instance."""
+
+    def __init__(self, *, binary: str | None, image: str, root: str, data_dir: str, code_path: str | None,
+                 volumes: list[str], cache_dir: str, name: str, gpu_flags: tuple[str, ...] = (),
+                 pull_timeout: float = 900.0):
         self.binary = binary
         self.wanted_image = image
-        self.mode = mode
-        self.code_path = code_path
-        self.workdir = workdir
+        self.root = root
         self.data_dir = data_dir
+        self.code_path = code_path
         self.volumes = volumes
         self.cache_dir = cache_dir
         self.name = name                      # instance name, unique on the node
+        self.gpu_flags = gpu_flags            # --nv / --rocm when the pilot has GPUs and the site says so
         self.pull_timeout = pull_timeout
         self.image: str | None = None
         self.instance_up = False
-        self.fixed_workdir = mode == "instance"
+        self.lock = threading.Lock()          # lanes prepare at the same time: one pull, one start
+        self._client = None
         self.env_prefix = "SINGULARITYENV_" if binary and os.path.basename(binary) == "singularity" \
             else "APPTAINERENV_"
-        self._client = None
-        self.agent: subprocess.Popen | None = None
-        self.agent_broken = False             # the image cannot run the agent: exec per task
 
     @property
     def client(self):
@@ -173,59 +179,124 @@ class ContainerRuntime(HostRuntime):
             self._client = spython_client(self.binary)
         return self._client
 
-    # -- image and instance -------------------------------------------------------------
-    def prepare(self) -> None:
-        """Resolve (pull) the image and start the instance; raise ImageError if it cannot be."""
-        if self.binary is None:
-            raise ImageError(f"image {self.wanted_image}: no container runtime on this node "
-                             f"(apptainer or singularity on PATH, or the site's runtime:)")
-        if self.image is None:
-            if REMOTE_IMAGE.match(self.wanted_image):
-                self.image = pull_image(self.binary, self.wanted_image, self.cache_dir,
-                                        timeout=self.pull_timeout)
-            elif os.path.exists(self.wanted_image):
-                self.image = self.wanted_image
-            else:
-                raise ImageError(f"image not found on {os.uname().nodename}: {self.wanted_image}")
-        if self.mode == "instance" and not self.instance_up:
-            self._start_instance()
+    def resolve(self) -> str:
+        """The local image (pulled once); raise ImageError if there is none."""
+        with self.lock:
+            if self.binary is None:
+                raise ImageError(f"image {self.wanted_image}: no container runtime on this node "
+                                 f"(apptainer or singularity on PATH, or the site's runtime:)")
+            if self.image is None:
+                if REMOTE_IMAGE.match(self.wanted_image):
+                    self.image = pull_image(self.binary, self.wanted_image, self.cache_dir,
+                                            timeout=self.pull_timeout)
+                elif os.path.exists(self.wanted_image):
+                    self.image = self.wanted_image
+                else:
+                    raise ImageError(f"image not found on {os.uname().nodename}: {self.wanted_image}")
+            return self.image
 
-    def binds(self) -> list[str]:
-        binds = [f"{self.workdir}:{CONTAINER_WORK}", f"{self.data_dir}:{self.data_dir}"]
+    def mounts(self) -> list[str]:
+        """Binds every task of this image gets, WORK_DIR aside."""
+        binds = [f"{self.data_dir}:{self.data_dir}"]
         if self.code_path:
             binds.append(f"{self.code_path}:{CONTAINER_CODE}:ro")
         return binds + list(self.volumes)
 
-    def _bind_flags(self) -> list[str]:
-        flags = []
-        for bind in self.binds():
-            flags += ["-B", bind]
-        return flags
+    def inside(self, workdir: str) -> str:
+        """A lane's WORK_DIR as tasks in the instance see it."""
+        return CONTAINER_WORK + "/" + os.path.relpath(workdir, self.root)
 
-    def _start_instance(self) -> None:
-        os.makedirs(self.workdir, exist_ok=True)
-        argv = self.client._init_command(["instance", "start"]) + \
-            ["--cleanenv", "--no-mount", "cwd", *self._bind_flags(), self.image, self.name]
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                                  timeout=self.pull_timeout, env=self._runtime_env({}), cwd=self.workdir)
-        except subprocess.TimeoutExpired:
-            raise ImageError(f"instance start of {self.image} took longer than {self.pull_timeout:g} s") from None
-        if proc.returncode != 0:
-            raise ImageError(f"cannot start an instance of {self.image}: {last_line(proc.stderr, prefer='FATAL')}")
-        self.instance_up = True
-        log.info("instance %s of %s started", self.name, self.image)
+    def start_instance(self) -> None:
+        self.resolve()
+        with self.lock:
+            if self.instance_up:
+                return
+            os.makedirs(self.root, exist_ok=True)
+            argv = self.client._init_command(["instance", "start"]) + \
+                ["--cleanenv", "--no-mount", "cwd", *self.gpu_flags,
+                 *bind_flags([f"{self.root}:{CONTAINER_WORK}", *self.mounts()]), self.image, self.name]
+            try:
+                proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                      timeout=self.pull_timeout, env=self.runtime_env({}), cwd=self.root)
+            except subprocess.TimeoutExpired:
+                raise ImageError(f"instance start of {self.image} took longer than {self.pull_timeout:g} s") from None
+            if proc.returncode != 0:
+                raise ImageError(f"cannot start an instance of {self.image}: "
+                                 f"{last_line(proc.stderr, prefer='FATAL')}")
+            self.instance_up = True
+        log.info("instance %s of %s started%s", self.name, self.image,
+                 f" with {' '.join(self.gpu_flags)}" if self.gpu_flags else "")
+
+    def runtime_env(self, task_env: dict[str, str]) -> dict[str, str]:
+        """The runtime binary's environment: what it needs of ours, and the task's
+        variables under the prefix that hands them into the container."""
+        env = {k: os.environ[k] for k in PASS_THROUGH if k in os.environ}
+        env.update({k: v for k, v in os.environ.items() if k.startswith(("APPTAINER_", "SINGULARITY_"))})
+        for key, value in task_env.items():
+            env[self.env_prefix + key] = value
+        return env
 
     def close(self) -> None:
-        self._stop_agent()
-        if self.instance_up:
+        with self.lock:
+            if not self.instance_up:
+                return
             argv = self.client._init_command(["instance", "stop"]) + [self.name]
             try:
                 subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60,
-                               env=self._runtime_env({}))
+                               env=self.runtime_env({}))
             except subprocess.TimeoutExpired:
                 log.warning("instance %s did not stop within 60 s", self.name)
             self.instance_up = False
+        log.info("instance %s stopped", self.name)
+
+
+def bind_flags(binds: list[str]) -> list[str]:
+    flags = []
+    for bind in binds:
+        flags += ["-B", bind]
+    return flags
+
+
+class ContainerRuntime(HostRuntime):
+    """One lane's programs of one module in its image: `BINARY exec` per task, or in
+    instance mode through the lane's own agent in the pilot's shared instance."""
+
+    def __init__(self, shared: ContainerImage, *, mode: str, workdir: str, variables: set[str]):
+        super().__init__()
+        self.shared = shared
+        self.variables = variables            # names of the task variables the container gets
+        self.binary = shared.binary
+        self.mode = mode
+        self.code_path = shared.code_path
+        self.workdir = workdir
+        self.fixed_workdir = mode == "instance"   # the agent lives in it
+        # Where WORK_DIR is in the container: bound at /work per task, or under the
+        # instance's /work.
+        self.container_work = shared.inside(workdir) if mode == "instance" else CONTAINER_WORK
+        self.agent: subprocess.Popen | None = None
+        self.agent_broken = False             # the image cannot run the agent: exec per task
+
+    @property
+    def name(self) -> str:
+        return self.shared.name
+
+    @property
+    def client(self):
+        return self.shared.client
+
+    def prepare(self) -> None:
+        """Resolve (pull) the image and start the instance; raise ImageError if it cannot be."""
+        if self.mode == "instance":
+            self.shared.start_instance()
+        else:
+            self.shared.resolve()
+
+    def close(self) -> None:
+        """Stop this lane's agent; the pilot stops the shared instance when it leaves."""
+        self._stop_agent()
+
+    def _runtime_env(self, task_env: dict[str, str]) -> dict[str, str]:
+        return self.shared.runtime_env(task_env)
 
     # -- per task -------------------------------------------------------------------------
     def inside(self, program: str) -> str:
@@ -234,13 +305,6 @@ class ContainerRuntime(HostRuntime):
             return CONTAINER_CODE + program[len(self.code_path.rstrip("/")):]
         return program
 
-    def _runtime_env(self, task_env: dict[str, str]) -> dict[str, str]:
-        env = {k: os.environ[k] for k in PASS_THROUGH if k in os.environ}
-        env.update({k: v for k, v in os.environ.items() if k.startswith(("APPTAINER_", "SINGULARITY_"))})
-        for key, value in task_env.items():
-            env[self.env_prefix + key] = value
-        return env
-
     def spawn(self, program, body, headers_json, env, cwd):
         # A clean environment; a body too long for argv is a file in WORK_DIR.
         task_env = self._task_env(env)
@@ -248,27 +312,29 @@ class ContainerRuntime(HostRuntime):
             body = self._seen(body)
         argv = self.client._init_command("exec")
         if self.mode == "instance":
-            argv += ["--pwd", CONTAINER_WORK, f"instance://{self.name}"]
+            argv += ["--pwd", self.container_work, f"instance://{self.name}"]
         else:
             # --no-mount cwd: the worker's own directory has no business inside (and
             # a cwd under /work would leave an empty mount point in WORK_DIR).
-            argv += ["--cleanenv", "--no-mount", "cwd", "--pwd", CONTAINER_WORK, *self._bind_flags(), self.image]
+            argv += ["--cleanenv", "--no-mount", "cwd", *self.shared.gpu_flags, "--pwd", CONTAINER_WORK,
+                     *bind_flags([f"{self.workdir}:{CONTAINER_WORK}", *self.shared.mounts()]), self.shared.image]
         return self.binary, argv + [self.inside(program), body, headers_json], self._runtime_env(task_env)
 
     # -- the agent in an instance ---------------------------------------------------------
     def _seen(self, value: str) -> str:
         """A path in WORK_DIR as the container sees it (under /work)."""
         host_work = self.workdir.rstrip("/") + "/"
-        return CONTAINER_WORK + "/" + value[len(host_work):] if value.startswith(host_work) else value
+        return self.container_work + "/" + value[len(host_work):] if value.startswith(host_work) else value
 
     def _task_env(self, env: dict[str, str]) -> dict[str, str]:
         """The task's own variables only (a clean environment), paths as the container sees them."""
         task_env = {k: self._seen(v) for k, v in env.items() if k in self.variables}
-        task_env["WORK_DIR"] = CONTAINER_WORK
+        task_env["WORK_DIR"] = self.container_work
         return task_env
 
     def _start_agent(self) -> bool:
-        argv = self.client._init_command("exec") + ["--pwd", CONTAINER_WORK, f"instance://{self.name}",
+        os.makedirs(self.workdir, exist_ok=True)
+        argv = self.client._init_command("exec") + ["--pwd", self.container_work, f"instance://{self.name}",
                                                     "/bin/sh", "-c", AGENT_SCRIPT]
         try:
             self.agent = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

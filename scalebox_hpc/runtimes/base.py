@@ -11,11 +11,14 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from ..resources import GPU_VARIABLES
+
 # Variables a task's program gets from the worker (a container starts from a clean
-# environment with exactly these, plus the module's 'environments').
+# environment with exactly these, plus the module's 'environments'): its lane and, on a
+# GPU node, the GPUs it was given.
 TASK_VARIABLES = frozenset({"WORK_DIR", "DATA_DIR", "APP_ID", "MODULE_NAME", "MODULE_ID", "TASK_ID", "ATTEMPT",
                             "SITE", "LOCAL_HOST", "LOCAL_IP", "SLURM_JOB_ID", "SCALEBOX_BODY_FILE",
-                            "OMP_NUM_THREADS"})
+                            "OMP_NUM_THREADS", "SLOT_ID", *GPU_VARIABLES})
 
 
 def utcnow() -> datetime:

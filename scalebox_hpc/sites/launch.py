@@ -34,6 +34,7 @@ class WorkerLaunch:
     walltime_seconds: float | None = None  # the batch job's time limit (None: not a batch job)
     runtime: str | None = None             # apptainer, singularity or host; None: whichever is on PATH
     image_cache: str | None = None
+    container_gpu: str | None = None       # nv / rocm: the container flag for the pilot's GPUs
     probe: str | None = None               # 'site check': report to this channel and exit, run no task
     cpus: int | None = None                # outside Slurm: the pilot's cores (None: all of the machine)
     gpus: int | None = None                # outside Slurm: the pilot's GPUs, ids 0..n-1
@@ -47,6 +48,7 @@ class WorkerLaunch:
             argv += ["--walltime-seconds", _number(self.walltime_seconds)]
         for flag, value in (("--scratch", self.scratch), ("--runtime", self.runtime),
                             ("--image-cache", self.image_cache), ("--probe", self.probe),
+                            ("--container-gpu", None if self.container_gpu == "none" else self.container_gpu),
                             ("--cpus", self.cpus and str(self.cpus)),
                             ("--gpus", None if self.gpus is None else str(self.gpus))):
             if value:
@@ -57,7 +59,7 @@ class WorkerLaunch:
     def from_options(cls, *, worker_ids: str, scratch: str | None = None, lease_seconds: float = 30.0,
                      idle_seconds: float = 30.0, walltime_seconds: float | None = None,
                      runtime: str | None = None, image_cache: str | None = None,
-                     probe: str | None = None, cpus: int | None = None, gpus: int | None = None) -> WorkerLaunch:
+                     container_gpu: str | None = None, probe: str | None = None, cpus: int | None = None, gpus: int | None = None) -> WorkerLaunch:
         """The launch the worker command's options describe (the inverse of argv()).
         Raises ValueError for a malformed --worker-ids."""
         try:
@@ -65,7 +67,8 @@ class WorkerLaunch:
         except ValueError:
             raise ValueError(f"--worker-ids {worker_ids!r}: not a comma-separated list of numbers") from None
         return cls(ids, scratch=scratch, lease_seconds=lease_seconds, idle_seconds=idle_seconds,
-                   walltime_seconds=walltime_seconds, runtime=runtime, image_cache=image_cache, probe=probe,
+                   walltime_seconds=walltime_seconds, runtime=runtime, image_cache=image_cache,
+                   container_gpu=container_gpu, probe=probe,
                    cpus=cpus, gpus=gpus)
 
     def worker_id(self, environ: Mapping[str, str]) -> int:

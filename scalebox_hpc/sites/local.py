@@ -58,6 +58,7 @@ class LocalSite(Site):
             argv = WorkerLaunch((wid,), scratch=scratch, lease_seconds=self.settings.lease_seconds,
                                 idle_seconds=self.settings.idle_seconds, runtime=config.runtime if config else None,
                                 image_cache=config.image_cache if config else None,
+                                container_gpu=config.container_gpu if config else None,
                                 cpus=self.pilot_cpus, gpus=config.gpus if config else None).argv()
             with open(self.logdir / f"worker-{wid}.log", "ab") as logf:
                 # A session of its own: workers outlive a controller restart or a Ctrl-C.

@@ -31,7 +31,8 @@
 # destination directory of `pull`/`build`, --dir of `pull` and APPTAINER_CACHEDIR/TMPDIR are
 # chowned to uid 1000 if they are root-owned (that directory or file only, never recursively and
 # never sticky directories like /tmp) so that the container user can write there, as a root caller
-# of a real Apptainer could. Files the container writes belong to uid 1000; root can still read and
+# of a real Apptainer could; so is the caller's current directory for `exec instance://NAME` (a
+# task's WORK_DIR, made by the root caller under a directory the instance bound before it existed). Files the container writes belong to uid 1000; root can still read and
 # delete them.
 
 die() { echo "apptainer launcher: ERROR: $*" >&2; exit 255; }
@@ -193,6 +194,7 @@ for a in "$@"; do
   if [ "$sub" = instance ] && [ -z "$sub2" ]; then sub2=$a; continue; fi
   positional=$((positional + 1))
   if [ "$positional" = 1 ] && { [ "$sub" = pull ] || [ "$sub" = build ]; }; then dest=$a; fi
+  if [ "$positional" = 1 ] && [ "$sub" = exec ] && [[ $a == instance://* ]]; then want_owned "$PWD"; fi
   [[ $a == /* ]] && want_bind "$a"
 done
 [ -n "$dest" ] && dest_dir "$dest"

@@ -175,7 +175,7 @@ class BatchSite(Site):
         return WorkerLaunch(tuple(worker_ids), scratch=config.scratch_root, lease_seconds=self.settings.lease_seconds,
                             idle_seconds=self.pool.idle_seconds,
                             walltime_seconds=walltime_seconds(config.slurm.walltime), runtime=config.runtime,
-                            image_cache=config.image_cache)
+                            image_cache=config.image_cache, container_gpu=config.container_gpu)
 
     def worker_env(self) -> dict[str, str]:
         return {**self.config.env, "SCALEBOX_DSN": worker_dsn(self.config, self.settings.dsn)}
