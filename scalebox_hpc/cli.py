@@ -152,6 +152,8 @@ def _follow(ctx, database: Database, app_id: int, *, quiet: bool) -> str:
     settings.poll_seconds = min(settings.poll_seconds, 0.5)
     controller = Controller(settings)
     view = None if quiet else ProgressView()
+    # A pilot that runs out of work says so: the app may be over, look at once.
+    database.retrying(lambda: database.listen(f"sbx_a{app_id}"), what="listen")
     try:
         while True:
             started = time.monotonic()
@@ -162,7 +164,13 @@ def _follow(ctx, database: Database, app_id: int, *, quiet: bool) -> str:
                                               what="read progress"))
             if app.status in AppStatus.TERMINAL:
                 return app.status
-            time.sleep(max(0.0, settings.poll_seconds - (time.monotonic() - started)))
+            left = settings.poll_seconds - (time.monotonic() - started)
+            if left > 0:
+                try:
+                    database.wait_notify(left)
+                except Exception:  # noqa: BLE001 - a broken connection: the next read retries it
+                    database.reset()
+                    time.sleep(left)
     except KeyboardInterrupt:
         click.echo(f"\nstopped following app {app_id}; it goes on if a controller runs "
                    f"('scalebox-hpc controller'), or cancel it with 'scalebox-hpc app cancel {app_id}'",

@@ -739,6 +739,7 @@ class Worker:
     def _loop(self) -> None:
         s = self.settings
         idle_since = time.monotonic()
+        told_idle = False
         while not (self.draining.is_set() or self.stopped.is_set()):
             if self.crash is not None:
                 raise self.crash
@@ -751,7 +752,12 @@ class Worker:
             busy = any(lane.busy for lane in self.lanes)
             if busy or claimed:
                 idle_since = now
+                told_idle = False
             self._flush_due(busy)
+            if not busy and not told_idle and not self.pending:
+                # Out of work, all committed: the app may be over; whoever follows it looks now.
+                self._db(lambda: self.queue.tell_idle(self.home.app_id), "tell idle")
+                told_idle = True
             if not busy:
                 if blocked:
                     self.stop_reason = blocked

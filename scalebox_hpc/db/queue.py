@@ -118,6 +118,11 @@ class Queue(TaskWrites):
             self._run("count_done", {"worker_id": worker_id, "n": len(applied), "module_ids": done})
         return len(applied)
 
+    def tell_idle(self, app_id: int) -> None:
+        """A worker of the app found nothing to run: whoever follows the app (channel
+        sbx_aAPP_ID) looks now whether it is over."""
+        self._run("notify_app", {"app_id": app_id, "payload": "idle"})
+
     def _final_statuses(self, results: Sequence[TaskResult],
                         retry_rules: RetryRules | Mapping[int, RetryRules]) -> dict[int, int]:
         """Status each attempt leaves its task in: its code, or READY to retry."""

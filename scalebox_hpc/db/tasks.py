@@ -14,6 +14,10 @@ from .connection import Queries
 from .rows import Message
 
 # Columns a worker or the controller fills in a task_exec row, as the COPY names them.
+# A bulk load of this many start tasks refreshes the planner's statistics at once:
+# until autovacuum gets to it (a minute or more), a new database plans the claims and
+# completions of the first big app as for an empty table.
+ANALYZE_AFTER = 5000
 EXEC_COLUMNS = tuple(re.search(r"\((.*?)\)", QUERIES["copy_task_exec"], re.S).group(1).replace(",", " ").split())
 _JSON_COLUMNS = {"user_timestamps", "input_files", "output_files", "forwards"}
 _EXEC_INDEX = {c: i for i, c in enumerate(EXEC_COLUMNS)}
@@ -74,6 +78,8 @@ class TaskWrites(Queries):
         with self._copy("copy_tasks") as copy:
             for m in messages:
                 copy.write_row((app_id, m.module_id, m.body, json.dumps(m.headers), m.repeatable, m.to_host))
+        if len(messages) >= ANALYZE_AFTER:
+            self._run("analyze_tasks")
         self._notify_ready({m.module_id for m in messages})
 
     def _write_execs(self, records: Iterable[dict[str, Any]]) -> None:

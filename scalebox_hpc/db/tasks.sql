@@ -32,6 +32,10 @@ COPY task_keys (module_id, body_md5) FROM STDIN;
 -- The start tasks of a new app: nothing older to dedup against, so a plain COPY.
 COPY tasks (app_id, module_id, body, headers, repeatable, to_host) FROM STDIN;
 
+-- name: analyze_tasks
+-- After a bulk load: the planner's statistics of the queue describe what is in it now.
+ANALYZE tasks, task_keys;
+
 -- name: copy_task_exec
 COPY task_exec (task_id, attempt, status_code, worker_id, t_ready, t_claimed, t_received,
                 t_check_start, t_check_end, t_stagein_start, t_stagein_end,
@@ -43,3 +47,7 @@ FROM STDIN;
 
 -- name: notify_module
 SELECT pg_notify('sbx_m' || %(module_id)s, %(payload)s);
+
+-- name: notify_app
+-- Whoever follows the app ('scalebox-hpc run') looks at it now rather than at its next poll.
+SELECT pg_notify('sbx_a' || %(app_id)s, %(payload)s);
