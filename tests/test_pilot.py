@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from conftest import local_site
@@ -52,18 +54,65 @@ def submit(sbx, app: Path) -> int:
     return json.loads(sbx("submit", "--json", app, check=0).stdout)["id"]
 
 
+def peak_connections(dsn, stop: threading.Event, peaks: dict) -> None:
+    """Until stop: the most PostgreSQL connections each pilot held at once (they are
+    named 'scalebox-hpc worker N' in pg_stat_activity)."""
+    while not stop.is_set():
+        for name, n in query(dsn, "SELECT application_name, count(*) FROM pg_stat_activity "
+                                  "WHERE application_name LIKE 'scalebox-hpc worker %%' GROUP BY 1"):
+            peaks[name] = max(peaks.get(name, 0), n)
+        time.sleep(0.05)
+
+
 def test_one_pilot_with_4_cores_runs_4_tasks_at_once(sbx, sbx_env, dsn, tmp_path):
+    """4 at once in one pilot, on at most 2 database connections whatever its lanes."""
     local_site(sbx_env, tmp_path, cpus=4)
     app = write_app(tmp_path / "four", "name: four\nmodules:\n" + module_yaml("work", "nap.sh", slots=4),
                     {"nap.sh": "sleep 1\n"})
     app_id = submit(sbx, app)
     sbx("task", "add", app_id, "work", *[f"t{i}" for i in range(8)], check=0)
-    run_controller_until_done(sbx_env, dsn, app_id)
+    stop, peaks = threading.Event(), {}
+    sampler = threading.Thread(target=peak_connections, args=(dsn, stop, peaks))
+    sampler.start()
+    try:
+        run_controller_until_done(sbx_env, dsn, app_id)
+    finally:
+        stop.set()
+        sampler.join()
     rows = runs(dsn, app_id)
     assert len(rows) == 8
-    assert query(dsn, "SELECT count(*), min(cpus) FROM workers")[0] == (1, 4), "one pilot, of 4 cores"
+    (worker_id, cpus), = query(dsn, "SELECT id, cpus FROM workers")
+    assert cpus == 4, "one pilot, of 4 cores"
     assert max_overlap([(r[4], r[5]) for r in rows]) == 4
     assert {r[1] for r in rows} == {0, 1, 2, 3} and {r[2] for r in rows} == {1}
+    assert peaks == {f"scalebox-hpc worker {worker_id}": 2}, "its claims and commits, and its heartbeat"
+
+
+def test_an_idle_pilot_leaves_after_idle_seconds(sbx, sbx_env, dsn, tmp_path):
+    """A pilot with nothing it may run leaves after the idle time, though its app goes on
+    (here a module whose check hook keeps saying no), and its task stays READY."""
+    local_site(sbx_env, tmp_path, cpus=2)
+    yaml = ("name: idle\nmodules:\n" + module_yaml("work", "nap.sh") +
+            module_yaml("closed", "nap.sh", check="./no.sh"))
+    app = write_app(tmp_path / "idle", yaml, {"nap.sh": "sleep 0.2\n", "no.sh": "exit 1\n"})
+    app_id = submit(sbx, app)
+    sbx("task", "add", app_id, "work", "w", check=0)
+    sbx("task", "add", app_id, "closed", "c", check=0)
+    ctl = subprocess.Popen([sys.executable, "-m", "scalebox_hpc", "controller"],
+                           env={**sbx_env, "SCALEBOX_IDLE_SECONDS": "3"},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        (message, lived), = wait_for(
+            lambda: query(dsn, "SELECT message, extract(epoch from stopped_at - started_at) FROM workers "
+                               "WHERE status = 'EXITED' ORDER BY id LIMIT 1"), timeout=60, what="an idle exit")
+    finally:
+        ctl.terminate()
+        ctl.wait(timeout=30)
+    assert message == "idle for 3 s"
+    assert 3 <= float(lived) < 10
+    assert query(dsn, "SELECT status FROM apps WHERE id = %s", app_id)[0][0] == "RUNNING"
+    statuses = dict(query(dsn, "SELECT body, status FROM tasks WHERE app_id = %s", app_id))
+    assert statuses == {"w": 0, "c": -1}
 
 
 def test_task_cpus_2_runs_2_at_a_time(sbx, sbx_env, dsn, tmp_path):
