@@ -135,13 +135,14 @@ class Controller:
         self._size_host_pools(report, held_back)
 
     def _size_module_pools(self, report: dict) -> set[int]:
-        """Pilots for each app on each site, sized in resources: the cores (and GPUs) its
-        modules' ready and held tasks need, each module within its slots, against what
-        the app's pilots there have (one pilot has the site's pilot_cpus). A new pilot's
-        home is the module with most unmet work: its failures are that module's. Returns
-        the modules that get no new worker now (failing, or backing off)."""
+        """Pilots for each site, sized in resources: the cores (and GPUs) the ready and held
+        tasks of its running apps' modules need, each module within its slots, against
+        what the site's live pilots have (one pilot has the site's pilot_cpus, and serves
+        every running app there). A new pilot's home is the module with most unmet work:
+        its failures are that module's. Returns the modules that get no new worker now
+        (failing, or backing off)."""
         held_back: set[int] = set()
-        groups: dict[tuple[int, str], list] = {}
+        groups: dict[str, list] = {}
         for m in self.pools.module_demand(ready_cap=1000):
             if m.worker_failures >= MAX_WORKER_FAILURES:
                 # A module whose workers keep failing fails its app instead of looping forever.
@@ -161,15 +162,16 @@ class Controller:
                 if self.apps.set_app_status(m.app_id, AppStatus.FAILED, [AppStatus.RUNNING], msg):
                     report["failed"].append(m.app_id)
                 continue
-            groups.setdefault((m.app_id, m.site), []).append(m)
-        for (_app_id, site_name), modules in groups.items():
+            groups.setdefault(m.site, []).append(m)
+        for site_name, modules in groups.items():
             site = self.sites[site_name]
             n = self._pilots_wanted(site, modules)
-            live = sum(m.live for m in modules)
-            if n <= live or any(m.id in held_back for m in modules):
-                continue
             site_live, site_pending = self.site_load.get(site_name, (0, 0))
-            n = site.admit(n - live, site_live, site_pending)
+            # A module backing off gets no pilot of its own; the others of the site may.
+            modules = [m for m in modules if m.id not in held_back]
+            if n <= site_live or not modules:
+                continue
+            n = site.admit(n - site_live, site_live, site_pending)
             if n > 0:
                 home = max(modules, key=lambda m: (min(m.slots, m.ready) * m.task_cpus, -m.id))
                 module = {"id": home.id, "name": home.name, "app_id": home.app_id}

@@ -47,6 +47,8 @@ CONTROL_FILES = {*SINK_FILES, "task-exec.json", "timestamps.txt", "input-files.t
                  "auxout.txt", "app-result.txt", "semaphores.txt"}
 # Linux caps one argv string at 32 pages (MAX_ARG_STRLEN): bigger bodies travel in a file.
 MAX_ARG_BYTES = 128 * 1024 - 1
+# A pilot looks for new apps on its site this often, besides when one is announced.
+REFRESH_SECONDS = 10.0
 BODY_FILE = ".scalebox-body"
 
 
@@ -156,6 +158,8 @@ class ModuleState:
         self.check_until = 0.0          # the check hook's answer holds until then
         self.check_ok = True
         self.hooks: TaskRunner | None = None     # runs setup, check and teardown
+        self.active = True              # its app is RUNNING (as far as this pilot knows): claim for it
+        self.ended: str | None = None   # the app's state once it left RUNNING (PAUSED may come back)
 
 
 class Lane:
@@ -569,6 +573,10 @@ class Worker:
         self.pending: list[TaskResult] = []
         self.pending_since = 0.0
         self.states: dict[int, ModuleState] = {}
+        self.targets = None                 # site -> transfer.ForwardTarget, read with the first module
+        self.refreshed = 0.0                # monotonic time the served modules were last read
+        self.giveback: list[int] = []       # held tasks of apps that stopped running, to hand back
+        self.beat_statuses: dict[int, str] | None = None   # app states the heartbeat saw, for the main thread
         self.lanes: list[Lane] = []
         self.resources = NodeResources(cpus=1)
         self.images = {}                    # container images of its modules, one instance each (runtimes)
@@ -577,24 +585,57 @@ class Worker:
         self.patience = max(60.0, 10 * settings.lease_seconds)
 
     # -- setup ---------------------------------------------------------------------
-    def _load_modules(self, home: int) -> None:
-        """The modules this pilot serves, each with its hooks' runner; their stages."""
-        targets = None
-        for module_id in self.queue.served_modules(home):
-            ctx = self.queue.module_context(module_id)
-            if targets is None:
+    def _load_modules(self) -> list[ModuleState]:
+        """Take up the modules of the apps on this pilot's site that it does not serve
+        yet (each with its hooks' runner, listened to), and those of an app that runs
+        again (resumed, or finished and given new tasks); the new ones, for their setup
+        hooks."""
+        added: list[ModuleState] = []
+        # Kept aside until all are read: a retry after a database error starts over.
+        for module_id, app_id, status in self.queue.served_modules(self.home_id):
+            state = self.states.get(module_id)
+            if state is not None:
+                if status == AppStatus.RUNNING and not state.active and state.ended != "setup failed":
+                    # Resumed, or finished and given new tasks.
+                    state.active, state.ended = True, None
+                continue
+            if self.targets is None:
                 from .transfer import ForwardTarget
-                targets = {name: ForwardTarget.from_json(name, data)
-                           for name, data in self.queue.site_configs().items()}
-            state = ModuleState(ctx, self.settings, self.host, self.ip, targets)
+                self.targets = {name: ForwardTarget.from_json(name, data)
+                                for name, data in self.queue.site_configs().items()}
+            state = ModuleState(self.queue.module_context(module_id), self.settings, self.host, self.ip,
+                                self.targets)
             state.hooks = TaskRunner(self, state, Lane(-1), self.scratch / f"hooks-m{module_id}")
-            self.states[module_id] = state
-        names = {s.module_name: s for s in self.states.values()}
-        main_router = next(iter(self.states.values())).main_router
-        for name, stage in stages({n: s.module.sink_modules for n, s in names.items()}, main_router).items():
-            names[name].stage = stage
-        if self.home.module.idle_seconds is not None:
-            self.settings.idle_seconds = self.home.module.idle_seconds
+            if status != AppStatus.RUNNING:
+                state.active, state.ended = False, status
+            self.database.listen(f"sbx_m{module_id}")
+            added.append(state)
+        for state in added:
+            self.states[state.module_id] = state
+        # Stages count within each app, from its main router.
+        for app_id in {s.app_id for s in added}:
+            names = {s.module_name: s for s in self.states.values() if s.app_id == app_id}
+            main_router = next(iter(names.values())).main_router
+            for name, stage in stages({n: s.module.sink_modules for n, s in names.items()}, main_router).items():
+                names[name].stage = stage
+        self.refreshed = time.monotonic()
+        return added
+
+    def _set_up(self, states: list[ModuleState]) -> str | None:
+        """Run the setup hooks of newly served modules; why the pilot cannot go on (a
+        failed setup of its home app), or None. A failed setup of another app's module
+        leaves that module to other pilots."""
+        for state in states:
+            setup = self._hook(state, "setup")
+            if setup is None or setup.code == 0:
+                continue
+            reason = (f"setup hook of module {state.module_name} failed with exit code "
+                      f"{setup.code}: {setup.stderr.strip()[-300:]}")
+            if state.app_id == self.home.app_id:
+                return reason
+            log.error("%s; app %s's module is left to other pilots", reason, state.app_id)
+            state.active, state.ended = False, "setup failed"
+        return None
 
     def _hook(self, state: ModuleState, name: str) -> ProgramResult | None:
         return state.hooks._hook(name)
@@ -636,9 +677,8 @@ class Worker:
                 log.error("worker %s is not pending (already started or declared lost); exiting", self.worker_id)
                 return 1
             self.home_id = home
-            self._db(lambda: self._load_modules(home), "read modules")
-            for module_id in self.states:
-                self._db(lambda m=module_id: self.database.listen(f"sbx_m{m}"), "listen")
+            self._db(lambda: self.database.listen("sbx_sites"), "listen")
+            first = self._db(self._load_modules, "read modules")
         except DatabaseUnavailable as exc:
             log.error("worker %s: %s", self.worker_id, exc)
             return 3
@@ -647,16 +687,15 @@ class Worker:
         gc.freeze()
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
-        log.info("worker %s on %s: %s; modules %s (app %s), scratch %s", self.worker_id, self.host,
-                 res.describe(), ", ".join(st.module_name for st in self.states.values()), self.home.app_id,
-                 self.scratch)
-        for state in self.states.values():
-            setup = self._hook(state, "setup")
-            if setup is not None and setup.code != 0:
-                self.stop_reason = (f"setup hook of module {state.module_name} failed with exit code "
-                                    f"{setup.code}: {setup.stderr.strip()[-300:]}")
-                log.error(self.stop_reason)
-                return self._sign_off(WorkerStatus.FAILED, count_failure=True)
+        log.info("worker %s on %s: %s; modules %s, scratch %s", self.worker_id, self.host, res.describe(),
+                 self._describe(self.states.values()), self.scratch)
+        if self.home.module.idle_seconds is not None:
+            self.settings.idle_seconds = self.home.module.idle_seconds
+        failed = self._set_up(first)
+        if failed:
+            self.stop_reason = failed
+            log.error(self.stop_reason)
+            return self._sign_off(WorkerStatus.FAILED, count_failure=True)
         node_gpus = bool(res.gpus)
         for i in range(res.cpus):
             lane = Lane(i)
@@ -721,9 +760,9 @@ class Worker:
                 image.close()
             if not any(r.failed_workdirs for r in runners):
                 shutil.rmtree(self.scratch, ignore_errors=True)
-            if self.app_status in AppStatus.TERMINAL:
-                # The app is over: its node-local data is of no more use to anyone.
-                for state in self.states.values():
+            for state in self.states.values():
+                if state.ended in AppStatus.TERMINAL:
+                    # The app is over: its node-local data is of no more use to anyone.
                     shutil.rmtree(state.data_dir, ignore_errors=True)
             log.info("worker %s stopped: %s (%s)", self.worker_id, status, self.stop_reason or "done")
         return 0 if status == WorkerStatus.EXITED else 1
@@ -740,10 +779,23 @@ class Worker:
         s = self.settings
         idle_since = time.monotonic()
         told_idle = False
+        if not any(st.active for st in self.states.values()):
+            # Its app stopped before the pilot started (and no other app runs on its site).
+            self.app_status = self.home.ended
+            self.stop_reason = f"app is {self.home.ended}"
+            return
         while not (self.draining.is_set() or self.stopped.is_set()):
             if self.crash is not None:
                 raise self.crash
             now = time.monotonic()
+            if self._app_changes():
+                return
+            if now - self.refreshed >= REFRESH_SECONDS:
+                self._take_up_new_apps()
+            if self.giveback:
+                with self.lock:
+                    held, self.giveback = self.giveback, []
+                self._db(lambda: self.queue.return_tasks(self.worker_id, held), "return tasks")
             free = [lane for lane in self.lanes if not lane.busy]
             if free and self.pending:
                 # Finished tasks hold their module's slots until committed: commit first.
@@ -755,8 +807,9 @@ class Worker:
                 told_idle = False
             self._flush_due(busy)
             if not busy and not told_idle and not self.pending:
-                # Out of work, all committed: the app may be over; whoever follows it looks now.
-                self._db(lambda: self.queue.tell_idle(self.home.app_id), "tell idle")
+                # Out of work, all committed: its apps may be over; whoever follows them looks now.
+                for app_id in sorted({st.app_id for st in self.states.values() if st.active}):
+                    self._db(lambda a=app_id: self.queue.tell_idle(a), "tell idle")
                 told_idle = True
             if not busy:
                 if blocked:
@@ -776,19 +829,66 @@ class Worker:
                 self.wake.wait(max(0.001, s.flush_seconds / 2))
                 self.wake.clear()
 
-    def _notified(self, payloads: list[str]) -> bool:
-        """Take in notifications: new tasks make modules worth a claim again; the app's
-        end or pause stops the pilot (true)."""
-        if not payloads:
+    def _notified(self, notes: list[tuple[str, str]]) -> bool:
+        """Take in notifications: new tasks make modules worth a claim again; a new app
+        on this site is taken up; an app's end or pause takes its modules out (true
+        when no app is left to serve)."""
+        if not notes:
             return False
-        ended = [p for p in payloads if p in AppStatus.TERMINAL or p == AppStatus.PAUSED]
-        if ended:
-            self.app_status = ended[-1]
-            self.stop_reason = f"app is {ended[-1]}"
-            return True
+        for channel, payload in notes:
+            if channel == "sbx_sites":
+                if payload == self.home.site:
+                    self._take_up_new_apps()
+                continue
+            state = self.states.get(int(channel.removeprefix("sbx_m")))
+            if state is None:
+                continue
+            if payload in AppStatus.TERMINAL or payload == AppStatus.PAUSED:
+                if self._end_app(state.app_id, payload):
+                    return True
+            elif not state.active:
+                self._take_up_new_apps()      # resumed, or given new tasks after it finished
         for state in self.states.values():
             state.exhausted_at = None
         return False
+
+    def _take_up_new_apps(self) -> None:
+        added = self._db(self._load_modules, "read modules")
+        if added:
+            log.info("worker %s takes up %s", self.worker_id, self._describe(added))
+            self._set_up(added)
+
+    @staticmethod
+    def _describe(states) -> str:
+        apps: dict[int, list[str]] = {}
+        for state in states:
+            apps.setdefault(state.app_id, []).append(state.module_name)
+        return "; ".join(f"{', '.join(names)} (app {app_id})" for app_id, names in sorted(apps.items()))
+
+    def _app_changes(self) -> bool:
+        """Apply the app states the heartbeat read; true when no app is left to serve."""
+        statuses, self.beat_statuses = self.beat_statuses, None
+        for app_id, status in sorted((statuses or {}).items()):
+            if status != AppStatus.RUNNING and self._end_app(app_id, status):
+                return True
+        return False
+
+    def _end_app(self, app_id: int, status: str) -> bool:
+        """An app left RUNNING: no more claims for its modules; those it has running
+        finish (CANCELLED: are stopped and count for nothing), those held and not
+        started go back. True when this pilot has no running app left: it leaves."""
+        states = [st for st in self.states.values() if st.app_id == app_id]
+        if any(st.active for st in states):
+            log.info("worker %s: app %s is %s: no more of its tasks here", self.worker_id, app_id, status)
+        for state in states:
+            state.active, state.ended = False, status
+        if status == AppStatus.CANCELLED:
+            self._kill_app(app_id)
+        if any(st.active for st in self.states.values()):
+            return False
+        self.app_status = status
+        self.stop_reason = f"app is {status}"
+        return True
 
     def _wait(self, timeout: float) -> list[str]:
         try:
@@ -802,7 +902,7 @@ class Worker:
     def _claimable(self, state: ModuleState, now: float) -> bool:
         """May this module's tasks be claimed now: something may be ready, its check
         hook agrees and its scratch and DATA_DIR have room."""
-        if state.exhausted_at is not None and now - state.exhausted_at < 1.0:
+        if not state.active or (state.exhausted_at is not None and now - state.exhausted_at < 1.0):
             return False
         if state.module.check and now >= state.check_until:
             check = self._hook(state, "check")
@@ -821,7 +921,8 @@ class Worker:
         budget = Budget(res.cpus - sum(lane.cpus for lane in busy), len(res.gpus) - len(used_gpus),
                         None if res.mem_mb is None else res.mem_mb - sum(lane.mem_mb for lane in busy))
         candidates, batches, walltime = [], {}, 0
-        for state in self.states.values():
+        active = [state for state in self.states.values() if state.active]
+        for state in active:
             if not self._claimable(state, now):
                 continue
             batch = self._batch_size(state)
@@ -836,7 +937,7 @@ class Worker:
                                         cpus=max(1, m.task_cpus), gpus=m.task_gpus, mem_mb=m.task_mem or 0,
                                         last_served=state.last_served))
         if not candidates:
-            blocked = "walltime: no time left for another task" if walltime == len(self.states) else None
+            blocked = "walltime: no time left for another task" if active and walltime == len(active) else None
             return 0, blocked
         picks = plan(candidates, budget)
         free_gpus = [g for g in res.gpus if g not in used_gpus]
@@ -918,8 +1019,13 @@ class Worker:
         """Run a lane's tasks one after the other; those not started when the pilot
         drains stay held and go back at sign-off, free of cost."""
         runner = self._runner(lane, state)
-        for task in tasks:
+        for i, task in enumerate(tasks):
             if self.draining.is_set() or self.stopped.is_set():
+                return
+            if not state.active:
+                # Its app stopped running: the rest go back now (the pilot serves on).
+                with self.lock:
+                    self.giveback.extend(t.id for t in tasks[i:])
                 return
             t0 = time.monotonic()
             result = runner._run_task(task)
@@ -927,7 +1033,11 @@ class Worker:
             state.avg_seconds = 0.8 * state.avg_seconds + 0.2 * took
             state.longest_seconds = max(state.longest_seconds, took)
             if self.stopped.is_set():
-                return      # lost or cancelled while it ran: the result must not count
+                return      # lost while it ran: the result must not count
+            if state.ended == AppStatus.CANCELLED:
+                with self.lock:     # cancelled while it ran: nothing counts, all go back
+                    self.giveback.extend(t.id for t in tasks[i:])
+                return
             with self.lock:
                 if not self.pending:
                     self.pending_since = time.monotonic()
@@ -945,8 +1055,13 @@ class Worker:
         if not results:
             return
         rules = {mid: st.module.retry_rules for mid, st in self.states.items()}
-        self._db(lambda: self.queue.complete(worker_id=self.worker_id, app_id=self.home.app_id, results=results,
-                                             retry_rules=rules), "commit task results", finishing=True)
+        by_app: dict[int, list[TaskResult]] = {}
+        for result in results:
+            by_app.setdefault(self.states[result.module_id].app_id, []).append(result)
+        for app_id, group in by_app.items():
+            self._db(lambda a=app_id, g=group: self.queue.complete(worker_id=self.worker_id, app_id=a, results=g,
+                                                                   retry_rules=rules),
+                     "commit task results", finishing=True)
 
     # -- heartbeat ----------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
@@ -969,25 +1084,36 @@ class Worker:
                     beat.mark_running(self.worker_id, long)
                     marked = (marked | set(long)) if len(marked) < 100000 else set(long)
                 if now >= next_beat:
-                    app_status = beat.heartbeat(self.worker_id, self.settings.lease_seconds)
+                    home_status = beat.heartbeat(self.worker_id, self.settings.lease_seconds)
                     next_beat, last_ok = now + interval, now
-                    if app_status is None:
+                    if home_status is None:
                         self.lost = True
                         self._stop("lease lost: the controller declared this worker lost")
-                    elif app_status != AppStatus.RUNNING:
-                        self.app_status = app_status
-                        if app_status == AppStatus.CANCELLED:
-                            self._stop("app cancelled")
-                        else:
-                            self.stop_reason = f"app is {app_status}"
-                            self.draining.set()
-                            self.wake.set()
+                        continue
+                    served = {st.app_id for st in list(self.states.values()) if st.active}
+                    statuses = beat.app_statuses(sorted(served)) if served else {}
+                    if any(status != AppStatus.RUNNING for status in statuses.values()):
+                        # The main thread takes the apps that stopped running out.
+                        self.beat_statuses = statuses
+                        self.wake.set()
+                        for app_id, status in statuses.items():
+                            if status == AppStatus.CANCELLED:
+                                self._kill_app(app_id)
             except Exception as exc:  # noqa: BLE001 - keep beating through database outages
                 log.warning("heartbeat failed: %s", first_line(exc))
                 beat.database.reset()
                 next_beat = now + 1.0
             time.sleep(0.1)
         beat.database.close()
+
+    def _kill_app(self, app_id: int) -> None:
+        """Stop the running programs of a cancelled app (from the heartbeat thread)."""
+        for lane in self.lanes:
+            work = lane.work
+            if work is not None and work[0].app_id == app_id:
+                work[0].ended = AppStatus.CANCELLED
+                for runner in list(lane.runners.values()):
+                    runner.runtime.kill()
 
     def _stop(self, message: str) -> None:
         log.warning("worker %s: %s; stopping the running programs", self.worker_id, message)

@@ -167,7 +167,10 @@ def test_app_copy_survives_a_cut_connection(sites_env, two_sites, dsn, tmp_path)
                       "JOIN modules m ON m.id = t.module_id WHERE t.app_id = %s AND m.name = 'copy-file'", app_id)
     assert len(rows) == 22 and all(code == 0 for _, code, _ in rows)
     tries = {body: fwd[0]["tries"] for body, _, fwd in rows}
-    assert tries["deep/er/big.bin"] == 2 and all(n == 1 for b, n in tries.items() if b != "deep/er/big.bin")
+    # (A small file that a lane was sending over the same SSH connection at that moment
+    # was cut with it and sent again too; none went more than twice.)
+    assert tries["deep/er/big.bin"] == 2 and all(n in (1, 2) for b, n in tries.items() if b != "deep/er/big.bin")
+    assert sum(n == 2 for n in tries.values()) <= 2
     assert module_sites(dsn, app_id)[("store-file", "site-b")] == 22
     assert not list((inbox_b / ".incoming").iterdir())
 

@@ -221,3 +221,69 @@ def test_submit_refuses_a_task_bigger_than_any_pilot(sbx, sbx_env, tmp_path):
     line, = proc.stderr.strip().splitlines()
     assert "modules.huge" in line and "task_cpus 5" in line and "site local" in line and "4 cores" in line
     assert "Traceback" not in proc.stderr
+
+
+def test_a_pilot_takes_up_another_app_on_its_site(sbx, sbx_env, dsn, tmp_path):
+    """A pilot serves every running app of its site: an app submitted while another's
+    pilot runs has its tasks run by that pilot, with no second worker, side by side."""
+    local_site(sbx_env, tmp_path, cpus=2)
+    first = write_app(tmp_path / "first", "name: first\nmodules:\n" + module_yaml("a", "nap.sh", slots=1),
+                      {"nap.sh": "sleep 1\n"})
+    second = write_app(tmp_path / "second", "name: second\nmodules:\n" +
+                       module_yaml("b", "nap.sh", slots=1, start_task="[b1, b2]"), {"nap.sh": "sleep 0.5\n"})
+    a_id = submit(sbx, first)
+    sbx("task", "add", a_id, "a", *[f"a{i}" for i in range(4)], check=0)
+    ctl = subprocess.Popen([sys.executable, "-m", "scalebox_hpc", "controller"], env=sbx_env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: query(dsn, "SELECT count(*) FROM tasks WHERE status = -3")[0][0] == 1,
+                 timeout=60, what="first app running")
+        b_id = submit(sbx, second)
+        for app_id in (a_id, b_id):
+            wait_for(lambda a=app_id: query(dsn, "SELECT status FROM apps WHERE id = %s", a)[0][0] == "FINISHED",
+                     timeout=60, interval=0.2, what=f"app {app_id} FINISHED")
+    finally:
+        ctl.terminate()
+        ctl.wait(timeout=30)
+    a, b = runs(dsn, a_id), runs(dsn, b_id)
+    assert len(a) == 4 and len(b) == 2
+    assert query(dsn, "SELECT count(*) FROM workers")[0][0] == 1, "no worker of its own for the second app"
+    assert {r[0] for r in a + b} == {1}
+    assert min(r[4] for r in b) < max(r[5] for r in a), "the second app ran while the first still did"
+
+
+def test_cancelling_one_app_leaves_the_pilots_other_app_running(sbx, sbx_env, dsn, tmp_path):
+    """Cancel one of two apps a pilot serves: its running task is stopped and counts for
+    nothing; the other app's task runs on to its end and no attempt of it is lost."""
+    local_site(sbx_env, tmp_path, cpus=2)
+    keep = write_app(tmp_path / "keep", "name: keep\nmodules:\n" + module_yaml("k", "nap.sh"),
+                     {"nap.sh": "sleep 4\necho kept\n"})
+    drop = write_app(tmp_path / "drop", "name: drop\nmodules:\n" + module_yaml("d", "nap.sh", start_task="[d1]"),
+                     {"nap.sh": "sleep 60\n"})
+    keep_id = submit(sbx, keep)
+    sbx("task", "add", keep_id, "k", "k1", check=0)
+    ctl = subprocess.Popen([sys.executable, "-m", "scalebox_hpc", "controller"], env=sbx_env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: query(dsn, "SELECT count(*) FROM tasks WHERE status = -3")[0][0] == 1,
+                 timeout=60, what="the first app's task running")
+        drop_id = submit(sbx, drop)
+        wait_for(lambda: query(dsn, "SELECT count(*) FROM tasks WHERE status = -3")[0][0] == 2,
+                 timeout=30, what="both apps' tasks running in the pilot")
+        started = time.monotonic()
+        sbx("app", "cancel", drop_id, check=0)
+        wait_for(lambda: query(dsn, "SELECT status FROM apps WHERE id = %s", keep_id)[0][0] == "FINISHED",
+                 timeout=60, interval=0.2, what="the kept app FINISHED")
+        (gone,), = wait_for(lambda: query(dsn, "SELECT count(*) FROM tasks WHERE app_id = %s AND status = -3",
+                                          drop_id)[0][0] == 0 and [(True,)], timeout=30, what="d1 stopped")
+    finally:
+        ctl.terminate()
+        ctl.wait(timeout=30)
+    assert time.monotonic() - started < 40, "the cancelled app's program was not left to run its 60 s"
+    assert [r[6] for r in runs(dsn, keep_id)] == ["kept\n"]
+    assert query(dsn, "SELECT count(*) FROM task_exec e JOIN tasks t ON t.id = e.task_id "
+                      "WHERE t.app_id = %s", keep_id)[0][0] == 1, "one attempt, none lost"
+    assert query(dsn, "SELECT count(*) FROM task_exec e JOIN tasks t ON t.id = e.task_id "
+                      "WHERE t.app_id = %s AND e.status_code = 0", drop_id)[0][0] == 0
+    assert query(dsn, "SELECT count(*) FROM workers")[0][0] == 1
+    assert query(dsn, "SELECT status FROM apps WHERE id = %s", drop_id)[0][0] == "CANCELLED"

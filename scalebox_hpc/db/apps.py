@@ -26,6 +26,8 @@ class Apps(TaskWrites):
                     "definition": Jsonb(mod), "host_bound": mod.get("task_dist_mode") == "HOST-BOUND",
                     "slots": mod.get("slots", 1), "min_workers": mod.get("min_workers", 0)})
             self._copy_start_tasks(app_id, [Message(ids[m], body) for m, body in start])
+            if status == "RUNNING":
+                self._run("notify_app_sites", {"app_id": app_id})
         return app_id
 
     def get_app(self, app_id: int) -> AppRow:
@@ -47,6 +49,8 @@ class Apps(TaskWrites):
                                                      "from_states": list(from_states), "message": message})
             if changed:
                 self._run("notify_app_modules", {"app_id": app_id, "payload": status})
+                if status == "RUNNING":
+                    self._run("notify_app_sites", {"app_id": app_id})
         return changed is not None
 
     def modules(self, app_id: int) -> list[ModuleRow]:

@@ -34,6 +34,11 @@ RETURNING id;
 -- name: notify_app_modules
 SELECT pg_notify('sbx_m' || id, %(payload)s) FROM modules WHERE app_id = %(app_id)s;
 
+-- name: notify_app_sites
+-- A new app: the running pilots of its sites take its modules up (channel sbx_sites,
+-- payload the site's name).
+SELECT pg_notify('sbx_sites', site) FROM (SELECT DISTINCT site FROM modules WHERE app_id = %(app_id)s) s;
+
 -- name: app_modules
 SELECT id, name, site, host_bound, slots, min_workers
 FROM modules WHERE app_id = %(app_id)s ORDER BY id;

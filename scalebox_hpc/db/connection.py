@@ -56,9 +56,9 @@ class Database:
             self.channels += (channel,)
         listen_on(self.conn, channel)
 
-    def wait_notify(self, timeout: float) -> list[str]:
-        """Payloads of notifications on the LISTENed channels, waiting up to timeout."""
-        return [n.payload for n in self.conn.notifies(timeout=timeout, stop_after=1)]
+    def wait_notify(self, timeout: float) -> list[tuple[str, str]]:
+        """(channel, payload) of notifications on the LISTENed channels, waiting up to timeout."""
+        return [(n.channel, n.payload) for n in self.conn.notifies(timeout=timeout, stop_after=1)]
 
     def close(self) -> None:
         if self._conn is not None:

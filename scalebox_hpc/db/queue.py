@@ -25,9 +25,13 @@ class Queue(TaskWrites):
                                             "slurm_job_id": slurm_job_id, "lease_seconds": lease_seconds,
                                             "cpus": cpus, "gpus": gpus, "mem_mb": mem_mb})
 
-    def served_modules(self, module_id: int) -> list[int]:
-        """The modules a pilot whose home is ``module_id`` serves (its app's, on its site)."""
-        return self._values("served_modules", {"module_id": module_id})
+    def served_modules(self, module_id: int) -> list[tuple[int, int, str]]:
+        """(module id, app id, app status) of the modules a pilot whose home is
+        ``module_id`` serves: every running or paused app's on its site, and its home app's."""
+        return [tuple(row) for row in self._run("served_modules", {"module_id": module_id})]
+
+    def app_statuses(self, app_ids: Sequence[int]) -> dict[int, str]:
+        return dict(self._run("app_statuses", {"app_ids": list(app_ids)}))
 
     def claim_pilot(self, *, worker_id: int, host: str, entries: Sequence[tuple[int, int, int]]) -> list[ClaimedTask]:
         """One claim for many lanes: entries are (module id, lane, batch), those of one

@@ -19,10 +19,16 @@ WHERE id = %(worker_id)s AND status = 'PENDING'
 RETURNING module_id;
 
 -- name: served_modules
--- The modules a pilot serves: those of its home module's app that run on its site
--- (a pipeline's next stage runs in the same job).
-SELECT o.id FROM modules m JOIN modules o ON o.app_id = m.app_id AND o.site = m.site
-WHERE m.id = %(module_id)s ORDER BY o.id;
+-- The modules a pilot serves, with their app's state: those of every app that runs on
+-- its site (a pipeline's next stage, and other apps, run in the same job); its home
+-- app's whatever its state.
+SELECT o.id, o.app_id, a.status FROM modules m JOIN modules o ON o.site = m.site JOIN apps a ON a.id = o.app_id
+WHERE m.id = %(module_id)s AND (o.app_id = m.app_id OR a.status IN ('RUNNING', 'PAUSED'))
+ORDER BY o.id;
+
+-- name: app_statuses
+-- The state of each app a pilot serves (its heartbeat reads them).
+SELECT id, status FROM apps WHERE id = ANY(%(app_ids)s::bigint[]);
 
 -- name: claim_pilot
 -- One claim for all of a pilot's free lanes (migrations/0004_pilots.sql, sbx_claim).
