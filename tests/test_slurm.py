@@ -372,14 +372,15 @@ def test_a_3_module_pipeline_runs_in_one_pilot_job(slurm_env, dsn, tmp_path):
 
 
 def test_walltime_drain_of_a_pilot_with_4_lanes_running(slurm_env, dsn, tmp_path):
-    """One-minute jobs of 4 lanes, tasks of 20 s: the first job runs 4, claims nothing
-    that would outlive its drain, drains on USR1; the next job runs the other 4."""
+    """One-minute jobs of 4 lanes, tasks of 30 s (task_max_seconds 35): the first job runs
+    4, claims nothing that would outlive its walltime (a second round cannot fit), drains
+    on USR1; the next job runs the other 4."""
     write_site(tmp_path / "sites", partition="big", walltime="1", drain=30, max_workers=1,
                slurm_keys="  cpus_per_task: 4")
     app = write_app(tmp_path / "app", "name: drain\nmodules:\n" +
-                    module_yaml("w", "work.sh", slots=4, task_max_seconds=25,
+                    module_yaml("w", "work.sh", slots=4, task_max_seconds=35,
                                 start_task="[t0, t1, t2, t3, t4, t5, t6, t7]"),
-                    {"work.sh": "sleep 20\n"})
+                    {"work.sh": "sleep 30\n"})
     proc = cli(slurm_env, "run", "--json", "--site", "testcluster", app, timeout=900)
     assert proc.returncode == 0, proc.stderr
     app_id = json.loads(proc.stdout)["id"]
