@@ -17,7 +17,6 @@ Usage: bench_apptainer.py [N]   (default 100)
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -26,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import psycopg
+from benchlib import run_app, steady_seconds
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,20 +58,8 @@ def per_task(tmp: Path, env: dict, image: str, mode: str, n: int) -> float:
     (app / "app.yaml").write_text(
         f"name: bench-{mode}\nmodules:\n  m:\n    base_image: {image}\n    command: /bin/true\n"
         f"    container_mode: {mode}\n    slots: 1\n    start_task: FILE:bodies.txt\n")
-    proc = subprocess.run([sys.executable, "-m", "scalebox_hpc", "run", "--json", str(app)], env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{mode}: run failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    summary = json.loads(proc.stdout)
-    if summary["modules"]["m"]["ok"] != n:
-        sys.exit(f"{mode}: {summary['modules']['m']} (expected {n} ok)")
-    dsn = subprocess.run([sys.executable, "-m", "scalebox_hpc", "db", "url"], env=env, capture_output=True,
-                         text=True, check=True).stdout.strip()
-    with psycopg.connect(dsn) as conn:
-        (busy,), = conn.execute(
-            "SELECT extract(epoch FROM max(e.t_completed) - min(e.t_claimed)) FROM task_exec e "
-            "JOIN tasks t ON t.id = e.task_id WHERE t.app_id = %s", (summary["id"],)).fetchall()
-    return float(busy) / n
+    summary = run_app(app, env, what=mode, tasks=n)
+    return steady_seconds(env, summary["id"]) / n
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ Prints the figures and the ratio to the floor. Usage: bench_dispatch.py [N] [M]
 """
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import subprocess
@@ -20,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import psycopg
+from benchlib import run_app, steady_seconds
 
 
 def _true_loop(n: int) -> None:
@@ -41,22 +40,8 @@ def scalebox(app_dir: Path, name: str, command: str, n: int, env: dict) -> tuple
     (app_dir / "app.yaml").write_text(
         f"name: {name}\nmodules:\n  m:\n    base_image: host\n    command: {command}\n"
         "    slots: 2\n    start_task: FILE:bodies.txt\n")
-    proc = subprocess.run([sys.executable, "-m", "scalebox_hpc", "run", "--json", str(app_dir)],
-                          env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{name}: run failed ({proc.returncode}): {proc.stderr.strip()}")
-    summary = json.loads(proc.stdout)
-    ok = summary["modules"]["m"]["ok"]
-    if ok != n:
-        sys.exit(f"{name}: {ok} of {n} tasks ok")
-    # Steady state: from the first claim to the last commit (no start-up, no finish detection).
-    dsn = subprocess.run([sys.executable, "-m", "scalebox_hpc", "db", "url"], env=env, capture_output=True,
-                         text=True, check=True).stdout.strip()
-    with psycopg.connect(dsn) as conn:
-        (busy,), = conn.execute(
-            "SELECT extract(epoch FROM max(e.t_completed) - min(e.t_claimed)) FROM task_exec e "
-            "JOIN tasks t ON t.id = e.task_id WHERE t.app_id = %s", (summary["id"],)).fetchall()
-    return n / summary["elapsed_seconds"], n / float(busy)
+    summary = run_app(app_dir, env, what=name, tasks=n)
+    return n / summary["elapsed_seconds"], n / steady_seconds(env, summary["id"])
 
 
 def main() -> None:

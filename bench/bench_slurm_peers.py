@@ -18,13 +18,14 @@ Usage: bench_slurm_peers.py [N]
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import run_app, steady_seconds
 
 REPO = Path(__file__).resolve().parent.parent
 ARRAY_MAX = 1000          # tests/env/slurm-up.sh sets MaxArraySize=1001: indices 0-1000
@@ -76,21 +77,9 @@ def scalebox(n: int, env: dict, tmp: Path) -> tuple[float, float]:
                                   "    slots: 4\n    start_task: FILE:bodies.txt\n")
     env = dict(env, SCALEBOX_SITES_DIR=str(sites))
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "scalebox_hpc", "run", "--json", "-q", "--site", "bench", str(app)],
-                          env=env, capture_output=True, text=True)
+    summary = run_app(app, env, "-q", "--site", "bench", what="scalebox-hpc", tasks=n)
     elapsed = time.perf_counter() - started
-    if proc.returncode != 0:
-        sys.exit(f"scalebox-hpc: run failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
-    summary = json.loads(proc.stdout)
-    if summary["modules"]["m"]["ok"] != n:
-        sys.exit(f"scalebox-hpc: {summary['modules']['m']['ok']} of {n} tasks ok")
-    import psycopg
-    dsn = subprocess.run([sys.executable, "-m", "scalebox_hpc", "db", "url"], env=env, capture_output=True,
-                         text=True, check=True).stdout.strip()
-    with psycopg.connect(dsn) as conn:
-        (busy,), = conn.execute("SELECT extract(epoch FROM max(e.t_completed) - min(e.t_claimed)) FROM task_exec e "
-                                "JOIN tasks t ON t.id = e.task_id WHERE t.app_id = %s", (summary["id"],)).fetchall()
-    return n / elapsed, n / float(busy)
+    return n / elapsed, n / steady_seconds(env, summary["id"])
 
 
 def main() -> None:
