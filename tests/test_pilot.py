@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from conftest import local_site
@@ -48,6 +49,18 @@ def runs(dsn, app_id, module=None):
                       "FROM task_exec e JOIN tasks t ON t.id = e.task_id JOIN modules m ON m.id = t.module_id "
                       "WHERE t.app_id = %s AND e.status_code = 0 AND (%s::text IS NULL OR m.name = %s)",
                  app_id, module, module)
+
+
+@contextmanager
+def controller(env):
+    """A controller running in the background for the duration of the block."""
+    ctl = subprocess.Popen([sys.executable, "-m", "scalebox_hpc", "controller"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield ctl
+    finally:
+        ctl.terminate()
+        ctl.wait(timeout=30)
 
 
 def submit(sbx, app: Path) -> int:
@@ -98,16 +111,10 @@ def test_an_idle_pilot_leaves_after_idle_seconds(sbx, sbx_env, dsn, tmp_path):
     app_id = submit(sbx, app)
     sbx("task", "add", app_id, "work", "w", check=0)
     sbx("task", "add", app_id, "closed", "c", check=0)
-    ctl = subprocess.Popen([sys.executable, "-m", "scalebox_hpc", "controller"],
-                           env={**sbx_env, "SCALEBOX_IDLE_SECONDS": "3"},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with controller({**sbx_env, "SCALEBOX_IDLE_SECONDS": "3"}):
         (message, lived), = wait_for(
             lambda: query(dsn, "SELECT message, extract(epoch from stopped_at - started_at) FROM workers "
                                "WHERE status = 'EXITED' ORDER BY id LIMIT 1"), timeout=60, what="an idle exit")
-    finally:
-        ctl.terminate()
-        ctl.wait(timeout=30)
     assert message == "idle for 3 s"
     assert 3 <= float(lived) < 10
     assert query(dsn, "SELECT status FROM apps WHERE id = %s", app_id)[0][0] == "RUNNING"
@@ -192,9 +199,7 @@ def test_sigkilled_pilot_loses_each_running_task_once(sbx, sbx_env, dsn, tmp_pat
         "sink.sh": "echo $1\n"})
     app_id = submit(sbx, app)
     sbx("task", "add", app_id, "work", "w1", "w2", "w3", "w4", check=0)
-    ctl = subprocess.Popen([sys.executable, "-m", "scalebox_hpc", "controller"], env=sbx_env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with controller(sbx_env):
         wait_for(lambda: query(dsn, "SELECT count(*) FROM tasks WHERE status = -3")[0][0] == 4,
                  timeout=60, what="4 running tasks")
         (pid,), = query(dsn, "SELECT DISTINCT w.pid FROM workers w JOIN tasks t ON t.worker_id = w.id "
@@ -202,9 +207,6 @@ def test_sigkilled_pilot_loses_each_running_task_once(sbx, sbx_env, dsn, tmp_pat
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: query(dsn, "SELECT status FROM apps WHERE id = %s", app_id)[0][0] == "FINISHED",
                  timeout=120, interval=0.2, what="app FINISHED")
-    finally:
-        ctl.terminate()
-        ctl.wait(timeout=30)
     lost = query(dsn, "SELECT t.body FROM task_exec e JOIN tasks t ON t.id = e.task_id "
                       "WHERE e.status_code = 123")
     assert sorted(b for b, in lost) == ["w1", "w2", "w3", "w4"]
@@ -233,18 +235,13 @@ def test_a_pilot_takes_up_another_app_on_its_site(sbx, sbx_env, dsn, tmp_path):
                        module_yaml("b", "nap.sh", slots=1, start_task="[b1, b2]"), {"nap.sh": "sleep 0.5\n"})
     a_id = submit(sbx, first)
     sbx("task", "add", a_id, "a", *[f"a{i}" for i in range(4)], check=0)
-    ctl = subprocess.Popen([sys.executable, "-m", "scalebox_hpc", "controller"], env=sbx_env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with controller(sbx_env):
         wait_for(lambda: query(dsn, "SELECT count(*) FROM tasks WHERE status = -3")[0][0] == 1,
                  timeout=60, what="first app running")
         b_id = submit(sbx, second)
         for app_id in (a_id, b_id):
             wait_for(lambda a=app_id: query(dsn, "SELECT status FROM apps WHERE id = %s", a)[0][0] == "FINISHED",
                      timeout=60, interval=0.2, what=f"app {app_id} FINISHED")
-    finally:
-        ctl.terminate()
-        ctl.wait(timeout=30)
     a, b = runs(dsn, a_id), runs(dsn, b_id)
     assert len(a) == 4 and len(b) == 2
     assert query(dsn, "SELECT count(*) FROM workers")[0][0] == 1, "no worker of its own for the second app"
@@ -262,9 +259,7 @@ def test_cancelling_one_app_leaves_the_pilots_other_app_running(sbx, sbx_env, ds
                      {"nap.sh": "sleep 60\n"})
     keep_id = submit(sbx, keep)
     sbx("task", "add", keep_id, "k", "k1", check=0)
-    ctl = subprocess.Popen([sys.executable, "-m", "scalebox_hpc", "controller"], env=sbx_env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with controller(sbx_env):
         wait_for(lambda: query(dsn, "SELECT count(*) FROM tasks WHERE status = -3")[0][0] == 1,
                  timeout=60, what="the first app's task running")
         drop_id = submit(sbx, drop)
@@ -276,9 +271,6 @@ def test_cancelling_one_app_leaves_the_pilots_other_app_running(sbx, sbx_env, ds
                  timeout=60, interval=0.2, what="the kept app FINISHED")
         (gone,), = wait_for(lambda: query(dsn, "SELECT count(*) FROM tasks WHERE app_id = %s AND status = -3",
                                           drop_id)[0][0] == 0 and [(True,)], timeout=30, what="d1 stopped")
-    finally:
-        ctl.terminate()
-        ctl.wait(timeout=30)
     assert time.monotonic() - started < 40, "the cancelled app's program was not left to run its 60 s"
     assert [r[6] for r in runs(dsn, keep_id)] == ["kept\n"]
     assert query(dsn, "SELECT count(*) FROM task_exec e JOIN tasks t ON t.id = e.task_id "
