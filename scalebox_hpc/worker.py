@@ -1084,14 +1084,13 @@ class Worker:
                     beat.mark_running(self.worker_id, long)
                     marked = (marked | set(long)) if len(marked) < 100000 else set(long)
                 if now >= next_beat:
-                    home_status = beat.heartbeat(self.worker_id, self.settings.lease_seconds)
+                    served = {st.app_id for st in list(self.states.values()) if st.active}
+                    statuses = beat.heartbeat(self.worker_id, self.settings.lease_seconds, sorted(served))
                     next_beat, last_ok = now + interval, now
-                    if home_status is None:
+                    if statuses is None:
                         self.lost = True
                         self._stop("lease lost: the controller declared this worker lost")
                         continue
-                    served = {st.app_id for st in list(self.states.values()) if st.active}
-                    statuses = beat.app_statuses(sorted(served)) if served else {}
                     if any(status != AppStatus.RUNNING for status in statuses.values()):
                         # The main thread takes the apps that stopped running out.
                         self.beat_statuses = statuses

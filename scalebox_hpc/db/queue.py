@@ -30,8 +30,6 @@ class Queue(TaskWrites):
         ``module_id`` serves: every running or paused app's on its site, and its home app's."""
         return [tuple(row) for row in self._run("served_modules", {"module_id": module_id})]
 
-    def app_statuses(self, app_ids: Sequence[int]) -> dict[int, str]:
-        return dict(self._run("app_statuses", {"app_ids": list(app_ids)}))
 
     def claim_pilot(self, *, worker_id: int, host: str, entries: Sequence[tuple[int, int, int]]) -> list[ClaimedTask]:
         """One claim for many lanes: entries are (module id, lane, batch), those of one
@@ -54,9 +52,12 @@ class Queue(TaskWrites):
         """Site name -> what workers need to forward data to it (the sites table's config)."""
         return {name: config or {} for name, config in self._run("site_configs")}
 
-    def heartbeat(self, worker_id: int, lease_seconds: float) -> str | None:
-        """The app's status, or None when this worker's lease is gone."""
-        return self._value("heartbeat", {"worker_id": worker_id, "lease_seconds": lease_seconds})
+    def heartbeat(self, worker_id: int, lease_seconds: float, app_ids: Sequence[int]) -> dict[int, str] | None:
+        """Renew the lease; the state of each of these apps, or None when this worker's
+        lease is gone."""
+        statuses = self._value("heartbeat", {"worker_id": worker_id, "lease_seconds": lease_seconds,
+                                             "app_ids": list(app_ids)})
+        return None if statuses is None else {int(k): v for k, v in statuses.items()}
 
     def mark_running(self, worker_id: int, task_ids: Sequence[int]) -> None:
         self._run("mark_running", {"worker_id": worker_id, "task_ids": list(task_ids)})

@@ -26,22 +26,19 @@ SELECT o.id, o.app_id, a.status FROM modules m JOIN modules o ON o.site = m.site
 WHERE m.id = %(module_id)s AND (o.app_id = m.app_id OR a.status IN ('RUNNING', 'PAUSED'))
 ORDER BY o.id;
 
--- name: app_statuses
--- The state of each app a pilot serves (its heartbeat reads them).
-SELECT id, status FROM apps WHERE id = ANY(%(app_ids)s::bigint[]);
-
 -- name: claim_pilot
 -- One claim for all of a pilot's free lanes (migrations/0004_pilots.sql, sbx_claim).
 SELECT * FROM sbx_claim(%(worker_id)s, %(host)s, %(modules)s::bigint[], %(slots)s::integer[],
                         %(batches)s::integer[]);
 
 -- name: heartbeat
--- Renews the lease on all of a worker's tasks at once (the lease lives on the worker).
--- No row back means the controller declared this worker lost: it must stop at once.
+-- Renews the lease on all of a worker's tasks at once (the lease lives on the worker),
+-- and reads the state of each app it serves. No row back means the controller declared
+-- this worker lost: it must stop at once.
 UPDATE workers w SET lease_expires = now() + make_interval(secs => %(lease_seconds)s), heartbeat_at = now()
-FROM modules m JOIN apps a ON a.id = m.app_id
-WHERE w.id = %(worker_id)s AND w.status IN ('RUNNING', 'DRAINING') AND m.id = w.module_id
-RETURNING a.status;
+WHERE w.id = %(worker_id)s AND w.status IN ('RUNNING', 'DRAINING')
+RETURNING (SELECT coalesce(jsonb_object_agg(a.id, a.status), '{}') FROM apps a
+           WHERE a.id = ANY(%(app_ids)s::bigint[]));
 
 -- name: stop_worker
 UPDATE workers SET status = %(status)s, message = %(message)s, stopped_at = now()
