@@ -8,6 +8,7 @@ accepted so that upstream apps port with few edits.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -21,6 +22,7 @@ from .yamlcheck import Checker, Entry, LineMap, describe, parse_yaml
 
 APP_FILE_NAMES = ("app.yaml", "app.yml", "scalebox.yaml")
 SCALEBOX_ENV = "scalebox.env"
+log = logging.getLogger(__name__)
 HOST = "host"
 HOOKS = ("check", "setup", "teardown")
 DIST_MODES = ("DEFAULT", "HOST-BOUND")
@@ -222,6 +224,14 @@ _MODULE_PARAMETER_KEYS: dict[str, str | None] = {
     "free_space_gb": "free_space_gb", "dir_quota_gb": "dir_quota_gb",
 }
 _MODULE_VARIABLE_KEYS: dict[str, str | None] = {"repeatable": None}
+# Upstream keys that mean nothing on a batch site: accepted, with a one-line warning saying why.
+_NO_EFFECT: dict[str, str] = {
+    "slot_on_head": "a pilot runs in a batch job on a compute node, never on the head node",
+    "slot_options": "pilot lanes always stay up while tasks are ready and leave when idle "
+                    "(idle_seconds); reserved slots are not needed",
+}
+_MODULE_KEYS.update({"arguments": "arguments", **{k: k for k in _NO_EFFECT}})
+_MODULE_PARAMETER_KEYS.update({"code_path": "code_path", **{k: k for k in _NO_EFFECT}})
 
 
 
@@ -306,9 +316,15 @@ class _AppParser(Checker):
                              "(not first)", key, line)
         settings = self.mapping(Entry(raw, key, line, name))
         entries = self.collect(settings, key, _MODULE_KEYS, {})
-        if "parameters" in entries:
-            params = entries.pop("parameters")
-            self.collect(self.mapping(params), params.key, _MODULE_PARAMETER_KEYS, entries)
+        # Upstream's 'arguments:' and 'parameters:' blocks hold module keys too.
+        for block in ("arguments", "parameters"):
+            if block in entries:
+                params = entries.pop(block)
+                self.collect(self.mapping(params), params.key, _MODULE_PARAMETER_KEYS, entries)
+        for upstream_key, why in _NO_EFFECT.items():
+            if upstream_key in entries:
+                entry = entries.pop(upstream_key)
+                log.warning("%s line %s: %s has no effect here: %s", self.file, entry.line, entry.key, why)
         if "variables" in entries:
             variables = entries.pop("variables")
             self.collect(self.mapping(variables), variables.key, _MODULE_VARIABLE_KEYS, entries)

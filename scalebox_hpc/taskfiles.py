@@ -168,6 +168,57 @@ def parse_sink_tasks(text: str, *, known_modules: Collection[str],
 
 
 # ---------------------------------------------------------------------------
+# .scalebox/: what the in-task `scalebox` command wrote (scalebox_hpc/intask/scalebox)
+
+INTASK_DIR = ".scalebox"
+
+
+def read_intask_dir(path: str, *, known_modules: Collection[str]) -> tuple[list[SinkMessage], str | None]:
+    """The messages `scalebox task add` left in ``path`` (N.body byte for byte; N.meta:
+    the module on its first line, then k=v headers), in the order they were added, and
+    the text `scalebox app set-finished` gave (None if it was not called)."""
+    try:
+        names = set(os.listdir(path))
+    except FileNotFoundError:
+        return [], None
+    messages = []
+    numbers = sorted(int(n[:-5]) for n in names if n.endswith(".meta") and n[:-5].isdigit())
+    for number in numbers:
+        where = f"{INTASK_DIR}/{number}"
+        try:
+            with open(os.path.join(path, f"{number}.body"), "rb") as fh:
+                body = fh.read().decode()
+            with open(os.path.join(path, f"{number}.meta"), "rb") as fh:
+                meta = fh.read().decode()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TaskFileError(f"scalebox task add: message {where} cannot be read: {exc}") from None
+        module, _, header_lines = meta.partition("\n")
+        if module and module not in known_modules:
+            choices = ", ".join(sorted(known_modules)) or "(none)"
+            raise TaskFileError(f"scalebox task add --sink-job {_quote(module)}: unknown module; "
+                                f"expected one of: {choices}")
+        headers: dict[str, Any] = {}
+        for line in header_lines.split("\n"):
+            if line.startswith("{"):   # --headers '{"k":"v"}'
+                try:
+                    more = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise TaskFileError(f"scalebox task add --headers {_quote(line)}: {_json_problem(exc)}; "
+                                        f"expected a JSON object") from None
+                headers.update(_check_headers(more, where, 1))
+            elif line:
+                key, _, value = line.partition("=")
+                headers[key] = value
+        messages.append(SinkMessage(module=module or None, body=body,
+                                    headers=_check_headers(headers, where, 1)))
+    result = None
+    if "app-result" in names:
+        with open(os.path.join(path, "app-result"), errors="replace") as fh:
+            result = fh.read().strip()
+    return messages, result
+
+
+# ---------------------------------------------------------------------------
 # semaphores.txt
 
 @dataclass

@@ -29,7 +29,7 @@ from .db.connection import Database
 from .db.queue import Queue
 from .db.rows import ClaimedTask, Message, TaskResult
 from .errors import DatabaseUnavailable, TaskFileError, first_line
-from . import taskfiles
+from . import intask, taskfiles
 from .appdef import ModuleDef
 from .policy import Budget, Candidate, plan, stages
 from .resources import NodeResources, gpu_environment, node_resources
@@ -44,7 +44,7 @@ MIN_FREE_BYTES = 16 << 20    # below this, scratch counts as full
 SINK_FILES = ("sink-tasks.txt", "messages.txt")
 # What a program leaves in WORK_DIR to talk to scalebox-hpc, as opposed to its data.
 CONTROL_FILES = {*SINK_FILES, "task-exec.json", "timestamps.txt", "input-files.txt", "output-files.txt",
-                 "auxout.txt", "app-result.txt", "semaphores.txt"}
+                 "auxout.txt", "app-result.txt", "semaphores.txt", taskfiles.INTASK_DIR}
 # Linux caps one argv string at 32 pages (MAX_ARG_STRLEN): bigger bodies travel in a file.
 MAX_ARG_BYTES = 128 * 1024 - 1
 # A pilot looks for new apps on its site this often, besides when one is announced.
@@ -98,6 +98,16 @@ def _tree_bytes(path: str) -> int:
     return total
 
 
+def upstream_variables(app_id: int, module_id: int, module_name: str, site: str, module: ModuleDef) -> dict:
+    """The variables upstream Scalebox gives a module's program, in both its spellings
+    (JOB_* before modules were called modules)."""
+    sinks = ",".join(module.sink_modules)
+    return {"APP_ID": str(app_id), "MODULE_NAME": module_name, "MODULE_ID": str(module_id),
+            "JOB_NAME": module_name, "JOB_ID": str(module_id), "SINK_MODULE": sinks, "SINK_JOB": sinks,
+            "SITE": site, "CLUSTER": site, "IS_SINGULARITY": "yes" if module.in_container else "",
+            "CODE_PATH": module.code_path or ""}
+
+
 def job_end_time(environ, walltime_seconds: float | None) -> float | None:
     """When the batch job's walltime runs out (epoch seconds), or None outside a job.
 
@@ -131,7 +141,8 @@ def _host_ip() -> tuple[str, str]:
 class ModuleState:
     """What a pilot knows of one module it serves: read once, shared by its lanes."""
 
-    def __init__(self, ctx, settings: WorkerSettings, host: str, ip: str, forward_targets: dict):
+    def __init__(self, ctx, settings: WorkerSettings, host: str, ip: str, forward_targets: dict,
+                 bin_dir: Path | None = None):
         self.module_id, self.app_id, self.module_name, self.site = ctx.module_id, ctx.app_id, ctx.name, ctx.site
         self.host_bound = ctx.host_bound
         self.module: ModuleDef = ctx.module
@@ -146,9 +157,12 @@ class ModuleState:
         self.base_env = dict(os.environ)
         self.base_env.pop("SCALEBOX_DSN", None)   # the program has no business with the database
         self.base_env.update({
-            "APP_ID": str(self.app_id), "MODULE_NAME": self.module_name, "MODULE_ID": str(self.module_id),
-            "SITE": self.site, "LOCAL_HOST": host, "LOCAL_IP": ip, "DATA_DIR": str(self.data_dir),
-            **{k: str(v) for k, v in self.module.environments.items()}})
+            "LOCAL_HOST": host, "LOCAL_IP": ip, "DATA_DIR": str(self.data_dir),
+            **upstream_variables(ctx.app_id, ctx.module_id, ctx.name, ctx.site, self.module)})
+        if bin_dir is not None:
+            # The in-task `scalebox` command comes first.
+            self.base_env["PATH"] = os.pathsep.join([str(bin_dir), *filter(None, [os.environ.get("PATH")])])
+        self.base_env.update({k: str(v) for k, v in self.module.environments.items()})
         # A threaded program uses the cores its task was given, unless told otherwise.
         self.base_env.setdefault("OMP_NUM_THREADS", str(self.module.task_cpus))
         self.avg_seconds = 1.0
@@ -459,6 +473,12 @@ class TaskRunner:
                                  for op in taskfiles.parse_semaphores(read("semaphores.txt"))]
         if "app-result.txt" in names:
             result.app_result = read("app-result.txt").strip()
+        if taskfiles.INTASK_DIR in names:
+            messages, app_result = taskfiles.read_intask_dir(os.path.join(workdir, taskfiles.INTASK_DIR),
+                                                             known_modules=self.modules)
+            result.messages += self._route(messages, result.task_id)
+            if app_result is not None:
+                result.app_result = app_result
         record["messages_out"] = len(result.messages)
         if result.messages and any(m.module_id is None for m in result.messages):
             record["note"] = "output messages have no destination: set sink_modules or main_router"
@@ -581,6 +601,7 @@ class Worker:
         self.resources = NodeResources(cpus=1)
         self.images = {}                    # container images of its modules, one instance each (runtimes)
         self.scratch = Path(settings.scratch_root) / f"worker-{worker_id}"
+        self.bin_dir: Path | None = None    # where the in-task `scalebox` command is
         # How long to keep trying an unreachable database before giving up.
         self.patience = max(60.0, 10 * settings.lease_seconds)
 
@@ -603,8 +624,10 @@ class Worker:
                 from .transfer import ForwardTarget
                 self.targets = {name: ForwardTarget.from_json(name, data)
                                 for name, data in self.queue.site_configs().items()}
+            if self.bin_dir is None:
+                self.bin_dir = intask.install(self.scratch / intask.BIN_DIR)
             state = ModuleState(self.queue.module_context(module_id), self.settings, self.host, self.ip,
-                                self.targets)
+                                self.targets, self.bin_dir)
             state.hooks = TaskRunner(self, state, Lane(-1), self.scratch / f"hooks-m{module_id}")
             if status != AppStatus.RUNNING:
                 state.active, state.ended = False, status

@@ -20,8 +20,11 @@ from test_faults import query, wait_for
 from test_slurm import cli, write_site
 
 SHOW = """#!/usr/bin/env python3
-import json, os, sys
-print(json.dumps({"argv": sys.argv[1:], "exe": sys.argv[0], "cwd": os.getcwd(), "env": dict(os.environ)}))
+import json, os, shutil, subprocess, sys
+# upstream's in-task command is on PATH in the container too
+subprocess.run(["scalebox", "app", "set-finished", "--job-id=" + os.environ["JOB_ID"], "set inside"], check=True)
+print(json.dumps({"argv": sys.argv[1:], "exe": sys.argv[0], "cwd": os.getcwd(), "env": dict(os.environ),
+                  "scalebox": shutil.which("scalebox")}))
 with open("result.txt", "w") as fh:
     fh.write("x" * 10)
 """
@@ -51,6 +54,7 @@ def test_program_contract_inside_the_container(container_env, dsn, open_dir, mod
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     app_id = json.loads(proc.stdout)["id"]
+    assert json.loads(proc.stdout)["result"] == "set inside"
     rows = query(dsn, "SELECT t.body, e.status_code, e.stdout, e.output_files, e.output_bytes FROM task_exec e "
                       "JOIN tasks t ON t.id = e.task_id WHERE t.app_id = %s", app_id)
     assert sorted(r[0] for r in rows) == sorted(BODIES)
@@ -70,6 +74,9 @@ def test_program_contract_inside_the_container(container_env, dsn, open_dir, mod
         assert env["GREETING"] == "hi" and env["APP_ID"] == str(app_id)
         assert env["MODULE_NAME"] == "show" and env["DATA_DIR"].startswith(container_env["SCALEBOX_SCRATCH"])
         assert "SBX_LEAK" not in env and "SCALEBOX_DSN" not in env      # a clean environment
+        # upstream's names too
+        assert env["JOB_ID"] == env["MODULE_ID"] and env["JOB_NAME"] == "show" and env["IS_SINGULARITY"] == "yes"
+        assert seen["scalebox"] == "/scalebox-hpc/bin/scalebox"
         assert files == ["result.txt"] and size == 10
     logs = "".join(p.read_text() for p in (Path(container_env["SCALEBOX_STATE_DIR"]) / "logs").glob("worker-*.log"))
     if mode == "instance":

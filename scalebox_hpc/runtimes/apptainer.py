@@ -38,6 +38,7 @@ import subprocess
 import threading
 import time
 
+from .. import intask
 from ..errors import ScaleboxError, last_line
 from ..states import CONTAINER_RUNTIMES, Code
 from .base import ProgramResult, utcnow
@@ -198,6 +199,9 @@ class ContainerImage:
     def mounts(self) -> list[str]:
         """Binds every task of this image gets, WORK_DIR aside."""
         binds = [f"{self.data_dir}:{self.data_dir}"]
+        bin_dir = os.path.join(self.root, intask.BIN_DIR)
+        if os.path.isdir(bin_dir):
+            binds.append(f"{bin_dir}:{intask.CONTAINER_BIN}:ro")
         if self.code_path:
             binds.append(f"{self.code_path}:{CONTAINER_CODE}:ro")
         return binds + list(self.volumes)
@@ -234,6 +238,8 @@ class ContainerImage:
         env.update({k: v for k, v in os.environ.items() if k.startswith(("APPTAINER_", "SINGULARITY_"))})
         for key, value in task_env.items():
             env[self.env_prefix + key] = value
+        # The in-task `scalebox` command first on the container's PATH.
+        env[self.env_prefix + "PREPEND_PATH"] = intask.CONTAINER_BIN
         return env
 
     def close(self) -> None:

@@ -18,7 +18,10 @@ from ..resources import GPU_VARIABLES
 # GPU node, the GPUs it was given.
 TASK_VARIABLES = frozenset({"WORK_DIR", "DATA_DIR", "APP_ID", "MODULE_NAME", "MODULE_ID", "TASK_ID", "ATTEMPT",
                             "SITE", "LOCAL_HOST", "LOCAL_IP", "SLURM_JOB_ID", "SCALEBOX_BODY_FILE",
-                            "OMP_NUM_THREADS", "SLOT_ID", *GPU_VARIABLES})
+                            "OMP_NUM_THREADS", "SLOT_ID",
+                            # upstream Scalebox's names (worker.upstream_variables)
+                            "JOB_NAME", "JOB_ID", "SINK_MODULE", "SINK_JOB", "CLUSTER", "IS_SINGULARITY",
+                            "CODE_PATH", *GPU_VARIABLES})
 
 
 def utcnow() -> datetime:

@@ -1,0 +1,46 @@
+"""Upstream Scalebox apps, written as upstream writes them (jobs:, arguments:,
+parameters:, the in-task `scalebox` command, JOB_ID), run unchanged but for the image line."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def run_app(sbx, name):
+    proc = sbx("run", "--json", HERE / name, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(proc.stdout), proc.stderr
+
+
+def test_hello_scalebox_sets_its_result_with_scalebox_app_set_finished(sbx):
+    summary, log = run_app(sbx, "hello-scalebox")
+    assert summary["status"] == "FINISHED"
+    assert summary["result"] == "Hello scalebox, it is OK!"
+    # Upstream keys with no meaning on a batch site are named, with the reason, not ignored silently.
+    assert "slot_on_head has no effect here" in log
+    assert "slot_options has no effect here" in log
+
+
+def test_scalebox_task_add_emits_bodies_byte_for_byte_with_the_task(sbx, conn):
+    summary, _ = run_app(sbx, "task-add")
+    assert summary["status"] == "FINISHED"
+    rows = conn.execute(
+        "SELECT t.body, t.headers::text, e.stdout FROM tasks t JOIN modules m ON m.id = t.module_id "
+        "JOIN task_exec e ON e.task_id = t.id WHERE t.app_id = %s AND m.name = 'sink' ORDER BY t.id",
+        (summary["id"],)).fetchall()
+    got = [(body, {k: v for k, v in json.loads(headers).items() if k == "kind"}) for body, headers, _ in rows]
+    assert got == [('a, b,{"not":"headers"}', {"kind": "plain"}),
+                   ("two words", {"kind": "many"}), (" lead and trail ", {"kind": "many"}),
+                   ("line 1", {"kind": "file"}), ("line 2", {"kind": "file"}),
+                   ("stdin 1", {"kind": "stdin"}), ("stdin 2", {"kind": "stdin"}),
+                   ("json headers", {"kind": "json"})]
+    # The program got each body as its $1, exactly.
+    assert [out.split("] ", 1)[0] + "]" for _, _, out in rows] == [f"[{body}]" for body, _ in got]
+    # The failed first attempt of 'emit' had called task add too: nothing of it was sent.
+    attempts = conn.execute(
+        "SELECT e.status_code FROM task_exec e JOIN tasks t ON t.id = e.task_id JOIN modules m "
+        "ON m.id = t.module_id WHERE t.app_id = %s AND m.name = 'emit' ORDER BY e.attempt",
+        (summary["id"],)).fetchall()
+    assert [a for (a,) in attempts] == [1, 0]
