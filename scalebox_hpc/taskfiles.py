@@ -173,14 +173,22 @@ def parse_sink_tasks(text: str, *, known_modules: Collection[str],
 INTASK_DIR = ".scalebox"
 
 
-def read_intask_dir(path: str, *, known_modules: Collection[str]) -> tuple[list[SinkMessage], str | None]:
-    """The messages `scalebox task add` left in ``path`` (N.body byte for byte; N.meta:
-    the module on its first line, then k=v headers), in the order they were added, and
-    the text `scalebox app set-finished` gave (None if it was not called)."""
+@dataclass
+class InTask:
+    messages: list[SinkMessage] = field(default_factory=list)
+    app_result: str | None = None          # None: set-finished was not called
+    semaphores: list["SemaphoreOp"] = field(default_factory=list)
+
+
+def read_intask_dir(path: str, *, known_modules: Collection[str]) -> InTask:
+    """What the in-task command left in ``path``: the messages of `scalebox task add`
+    (N.body byte for byte; N.meta: the module on its first line, then k=v headers) in
+    the order they were added, the text of `scalebox app set-finished`, and the
+    semaphore changes (a semaphores.txt of its own)."""
     try:
         names = set(os.listdir(path))
     except FileNotFoundError:
-        return [], None
+        return InTask()
     messages = []
     numbers = sorted(int(n[:-5]) for n in names if n.endswith(".meta") and n[:-5].isdigit())
     for number in numbers:
@@ -195,7 +203,7 @@ def read_intask_dir(path: str, *, known_modules: Collection[str]) -> tuple[list[
         module, _, header_lines = meta.partition("\n")
         if module and module not in known_modules:
             choices = ", ".join(sorted(known_modules)) or "(none)"
-            raise TaskFileError(f"scalebox task add --sink-job {_quote(module)}: unknown module; "
+            raise TaskFileError(f"scalebox task add: unknown sink module {_quote(module)}; "
                                 f"expected one of: {choices}")
         headers: dict[str, Any] = {}
         for line in header_lines.split("\n"):
@@ -211,11 +219,14 @@ def read_intask_dir(path: str, *, known_modules: Collection[str]) -> tuple[list[
                 headers[key] = value
         messages.append(SinkMessage(module=module or None, body=body,
                                     headers=_check_headers(headers, where, 1)))
-    result = None
+    found = InTask(messages)
     if "app-result" in names:
         with open(os.path.join(path, "app-result"), errors="replace") as fh:
-            result = fh.read().strip()
-    return messages, result
+            found.app_result = fh.read().strip()
+    if "semaphores" in names:
+        with open(os.path.join(path, "semaphores"), errors="replace") as fh:
+            found.semaphores = parse_semaphores(fh.read(), f"{INTASK_DIR}/semaphores")
+    return found
 
 
 # ---------------------------------------------------------------------------

@@ -474,11 +474,12 @@ class TaskRunner:
         if "app-result.txt" in names:
             result.app_result = read("app-result.txt").strip()
         if taskfiles.INTASK_DIR in names:
-            messages, app_result = taskfiles.read_intask_dir(os.path.join(workdir, taskfiles.INTASK_DIR),
-                                                             known_modules=self.modules)
-            result.messages += self._route(messages, result.task_id)
-            if app_result is not None:
-                result.app_result = app_result
+            found = taskfiles.read_intask_dir(os.path.join(workdir, taskfiles.INTASK_DIR),
+                                              known_modules=self.modules)
+            result.messages += self._route(found.messages, result.task_id)
+            result.semaphores += [(op.name, op.op, op.value) for op in found.semaphores]
+            if found.app_result is not None:
+                result.app_result = found.app_result
         record["messages_out"] = len(result.messages)
         if result.messages and any(m.module_id is None for m in result.messages):
             record["note"] = "output messages have no destination: set sink_modules or main_router"

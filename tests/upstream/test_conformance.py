@@ -44,3 +44,7 @@ def test_scalebox_task_add_emits_bodies_byte_for_byte_with_the_task(sbx, conn):
         "ON m.id = t.module_id WHERE t.app_id = %s AND m.name = 'emit' ORDER BY e.attempt",
         (summary["id"],)).fetchall()
     assert [a for (a,) in attempts] == [1, 0]
+    # semaphore increment-n / decrement and app set-status, applied with the task too
+    assert summary["result"] == "emitted"
+    assert conn.execute("SELECT value FROM semaphores WHERE app_id = %s AND name = 'emit:count'",
+                        (summary["id"],)).fetchone() == (4,)

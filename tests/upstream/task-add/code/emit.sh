@@ -15,3 +15,6 @@ scalebox task add --module-id="$JOB_ID" --headers='{"kind":"json","n":2}' "json 
 if scalebox task add --no-such-flag x 2>"$WORK_DIR/err"; then exit 3; fi
 grep -q "unknown flag '--no-such-flag'" "$WORK_DIR/err"
 rm "$WORK_DIR/err"
+scalebox semaphore increment-n emit:count 5
+scalebox semaphore decrement emit:count
+scalebox app set-status FINISHED "emitted"
