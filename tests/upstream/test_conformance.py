@@ -48,3 +48,19 @@ def test_scalebox_task_add_emits_bodies_byte_for_byte_with_the_task(sbx, conn):
     assert summary["result"] == "emitted"
     assert conn.execute("SELECT value FROM semaphores WHERE app_id = %s AND name = 'emit:count'",
                         (summary["id"],)).fetchone() == (4,)
+
+
+def test_retry_test_gives_4_3_2_executions(sbx, conn):
+    summary, _ = run_app(sbx, "retry_test")
+    assert summary["status"] == "FINISHED"
+    rows = conn.execute("SELECT t.body, count(*) FROM tasks t JOIN task_exec e ON e.task_id = t.id "
+                        "WHERE t.app_id = %s GROUP BY t.body", (summary["id"],)).fetchall()
+    assert dict(rows) == {"1": 4, "2": 3, "3": 2}
+
+
+def test_timeout_gen_ends_with_124_and_keeps_partial_stdout(sbx, conn):
+    summary, _ = run_app(sbx, "timeout-gen")
+    code, stdout = conn.execute("SELECT e.status_code, e.stdout FROM task_exec e JOIN tasks t ON t.id = e.task_id "
+                                "WHERE t.app_id = %s", (summary["id"],)).fetchone()
+    assert code == 124
+    assert "started, sleeping 8 s" in stdout and "finished" not in stdout
