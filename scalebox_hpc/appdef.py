@@ -229,9 +229,49 @@ _NO_EFFECT: dict[str, str] = {
     "slot_on_head": "a pilot runs in a batch job on a compute node, never on the head node",
     "slot_options": "pilot lanes always stay up while tasks are ready and leave when idle "
                     "(idle_seconds); reserved slots are not needed",
+    "task_min_seconds": "a lane is never marked GREEDY; short tasks are claimed in batches instead",
+    "sleep_interval_seconds": "idle lanes wake on NOTIFY at once; they do not poll",
+    "poll_interval_seconds": "idle lanes wake on NOTIFY at once; they do not poll",
+    "max_sleep_count": "a pilot leaves after idle_seconds without work",
+    "max_idle_polls": "a pilot leaves after idle_seconds without work",
+    "heartbeat_seconds": "the pilot's lease is the site's lease_seconds",
+    "text_trunc_mode": "stdout and stderr keep their tail (stdout_limit bytes)",
+    "text_tranc_mode": "stdout and stderr keep their tail (stdout_limit bytes)",
+    "timezone_mode": "times are stored as timestamptz (UTC)",
+    "local_ip_index": "LOCAL_IP is the address the node reaches the database from",
+    "grpc_server": "there is no gRPC server: pilots talk to PostgreSQL",
+    "tasks_per_queue": "one queue table serves every module",
+    "task_queue_length": "one queue table serves every module",
+    "initial_task_status": "tasks start READY",
+    "initial_slot_status": "pilots start when tasks are ready",
+    "slot_recoverable": "a lost pilot's tasks are always recovered (code 123) and the pool refilled",
+    "slot_max_retries": "a lost pilot's tasks are always recovered (code 123) and the pool refilled",
+    "slot_timeout_seconds": "a pilot is lost when its lease expires",
+    "slot_timeout_minutes": "a pilot is lost when its lease expires",
+    "task_global_timeout_scale": "task_max_seconds is enforced by the pilot itself (124); a lost pilot's "
+                                 "tasks come back when its lease expires (123)",
+    "task_cache_expired_minutes": "a (module, body) pair runs once per app unless the message is repeatable",
+    "task_dedup_cache_ttl_minutes": "a (module, body) pair runs once per app unless the message is repeatable",
+    "max_tasks_per_minute": "a fast lane is not an error here; tasks are claimed in batches",
+    "key_group_regex": "GROUP-BOUND placement is not supported; tasks run wherever a lane is free",
+    "key_group_index": "GROUP-BOUND placement is not supported; tasks run wherever a lane is free",
+    "enable_default_retries": "only retry_rules and the lost-worker default (123) retry a task",
+    "message_router_index": "the main router is parameters.main_router",
+    "router_index": "the main router is parameters.main_router",
+    "visible": "every module is shown",
+    "priority": "modules are chosen by the claim policy (downstream first)",
+    "task_id_in_headers": "headers carry from_module, from_host and from_ip",
+    "app_id_in_headers": "headers carry from_module, from_host and from_ip",
 }
 _MODULE_KEYS.update({"arguments": "arguments", **{k: k for k in _NO_EFFECT}})
-_MODULE_PARAMETER_KEYS.update({"code_path": "code_path", **{k: k for k in _NO_EFFECT}})
+# Upstream's older spellings of keys we implement.
+_UPSTREAM_ALIASES = {"max_seconds_per_task": "task_max_seconds", "output_text_size": "stdout_limit",
+                     "bulk_message_size": "task_batch_size", "batch_message_size": "task_batch_size",
+                     "paths": "volumes", "environmens": "environments"}
+_MODULE_KEYS.update(_UPSTREAM_ALIASES)
+_MODULE_PARAMETER_KEYS.update({"code_path": "code_path", "environments": "environments",
+                               "stdout_limit": "stdout_limit", **_UPSTREAM_ALIASES,
+                               **{k: k for k in _NO_EFFECT}})
 
 
 
@@ -456,6 +496,8 @@ class _AppParser(Checker):
         if mode in DIST_MODES:
             return mode
         if mode in _UPSTREAM_DIST_MODES:
+            log.warning("%s line %s: %s: %s has no effect here, DEFAULT is used: tasks run wherever a lane is "
+                        "free", self.file, entry.line, entry.key, mode)
             return "DEFAULT"
         raise self.error(f"unknown task_dist_mode '{value}' (use {' or '.join(DIST_MODES)})",
                          entry.key, entry.line)

@@ -182,8 +182,8 @@ class InTask:
 
 def read_intask_dir(path: str, *, known_modules: Collection[str]) -> InTask:
     """What the in-task command left in ``path``: the messages of `scalebox task add`
-    (N.body byte for byte; N.meta: the module on its first line, then k=v headers) in
-    the order they were added, the text of `scalebox app set-finished`, and the
+    (N.body byte for byte, or N.lines in the sink-tasks.txt format; N.meta: the module on
+    its first line, then k=v headers) in the order they were added, the text of `scalebox app set-finished`, and the
     semaphore changes (a semaphores.txt of its own)."""
     try:
         names = set(os.listdir(path))
@@ -193,8 +193,9 @@ def read_intask_dir(path: str, *, known_modules: Collection[str]) -> InTask:
     numbers = sorted(int(n[:-5]) for n in names if n.endswith(".meta") and n[:-5].isdigit())
     for number in numbers:
         where = f"{INTASK_DIR}/{number}"
+        lines = f"{number}.lines" in names
         try:
-            with open(os.path.join(path, f"{number}.body"), "rb") as fh:
+            with open(os.path.join(path, f"{number}.lines" if lines else f"{number}.body"), "rb") as fh:
                 body = fh.read().decode()
             with open(os.path.join(path, f"{number}.meta"), "rb") as fh:
                 meta = fh.read().decode()
@@ -217,8 +218,14 @@ def read_intask_dir(path: str, *, known_modules: Collection[str]) -> InTask:
             elif line:
                 key, _, value = line.partition("=")
                 headers[key] = value
-        messages.append(SinkMessage(module=module or None, body=body,
-                                    headers=_check_headers(headers, where, 1)))
+        headers = _check_headers(headers, where, 1)
+        if not lines:
+            messages.append(SinkMessage(module=module or None, body=body, headers=headers))
+            continue
+        # --task-file / stdin: lines as in sink-tasks.txt; the flags' module and headers apply to each.
+        for message in parse_sink_tasks(body, known_modules=known_modules, filename=f"scalebox task add ({where})"):
+            messages.append(SinkMessage(module=message.module or module or None, body=message.body,
+                                        headers={**headers, **message.headers}))
     found = InTask(messages)
     if "app-result" in names:
         with open(os.path.join(path, "app-result"), errors="replace") as fh:

@@ -213,9 +213,9 @@ def test_unknown_key_inside_module_parameters(app_dir):
           calc:
             command: ./router.sh
             parameters:
-              key_group_regex: x
+              no_such_key: x
     """)
-    assert "app.yaml:6: jobs.calc.parameters.key_group_regex: unknown key" in msg
+    assert "app.yaml:6: jobs.calc.parameters.no_such_key: unknown key" in msg
 
 
 def test_alias_given_twice(app_dir):
@@ -427,3 +427,19 @@ def test_bad_task_resources(app_dir, key, value, words):
             {key}: {value}
     """)
     assert "app.yaml:5:" in msg and f"modules.m.{key}" in msg and words in msg
+
+
+def test_upstream_keys_without_effect_are_named_with_the_reason(tmp_path, caplog):
+    (tmp_path / "app.yaml").write_text(
+        "name: up\njobs:\n  a:\n    base_image: host\n    command: /bin/true\n"
+        "    arguments:\n      max_sleep_count: 3\n      output_text_size: 100\n      slot_options: always_running\n"
+        "    parameters:\n      key_group_regex: x\n      task_dist_mode: SLOT-BOUND\n      start_message: ANY\n")
+    with caplog.at_level("WARNING", logger="scalebox_hpc.appdef"):
+        app = load_app(tmp_path)
+    module = app.modules['a']
+    assert module.stdout_limit == 100 and module.task_dist_mode == "DEFAULT" and module.start_tasks == ["ANY"]
+    warned = [r.getMessage() for r in caplog.records]
+    for key in ("arguments.max_sleep_count", "arguments.slot_options", "parameters.key_group_regex",
+                "parameters.task_dist_mode"):
+        assert any(f"jobs.a.{key}" in w and "has no effect here" in w for w in warned), (key, warned)
+    assert all(w.count("\n") == 0 for w in warned)

@@ -40,6 +40,15 @@ def test_bodies_from_stdin_and_a_task_file(tmp_path):
     assert [m.body for m in read(tmp_path).messages] == ["a b", "\\n", "no newline at the end", "x", "y"]
 
 
+def test_task_file_lines_are_read_as_sink_tasks_lines(tmp_path):
+    (tmp_path / "list").write_text('plain\ngather,to gather\nwith,{"h":"1"}\n')
+    assert scalebox(tmp_path, "task", "add", "--sink-module", "calc", "-H", "k=v", "--task-file",
+                    str(tmp_path / "list")).returncode == 0
+    got = [(m.module, m.body, m.headers) for m in read(tmp_path).messages]
+    assert got == [("calc", "plain", {"k": "v"}), ("gather", "to gather", {"k": "v"}),
+                   ("calc", "with", {"k": "v", "h": "1"})]
+
+
 def test_result_and_semaphores(tmp_path):
     assert scalebox(tmp_path, "app", "set-finished", "--job-id=7", "Hello", "you").returncode == 0
     assert scalebox(tmp_path, "semaphore", "increment-n", "s:sum", "12").returncode == 0
