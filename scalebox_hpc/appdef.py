@@ -461,9 +461,10 @@ class _AppParser(Checker):
         return [line.strip() for line in lines if line.strip()]
 
     def slots(self, entry: Entry) -> int | dict[str, int] | None:
-        if entry.written != "hosts":
+        if entry.written != "hosts" and not isinstance(entry.value, list):
             return self.integer(entry, 1)
-        # Upstream 'hosts: ["h0:4", "h1:2"]': at most 4 at once on h0 and 2 on h1, nowhere else.
+        # Upstream 'hosts: ["h0:4", "h1:2"]' (newer: the same list under 'slots'): at most 4 at
+        # once on h0 and 2 on h1, nowhere else.
         value = entry.value
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list) or not items:

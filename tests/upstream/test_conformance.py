@@ -3,13 +3,16 @@ parameters:, the in-task `scalebox` command, JOB_ID), run unchanged but for the 
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
+
+import pytest
 
 HERE = Path(__file__).parent
 
 
-def run_app(sbx, name):
-    proc = sbx("run", "--json", HERE / name, timeout=600)
+def run_app(sbx, name, env=None):
+    proc = sbx("run", "--json", HERE / name, timeout=600, env=env)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return json.loads(proc.stdout), proc.stderr
 
@@ -64,3 +67,15 @@ def test_timeout_gen_ends_with_124_and_keeps_partial_stdout(sbx, conn):
                                 "WHERE t.app_id = %s", (summary["id"],)).fetchone()
     assert code == 124
     assert "started, sleeping 8 s" in stdout and "finished" not in stdout
+
+
+@pytest.mark.parametrize("limit, groups, primes", [(1000, 10, 168), (100000, 100, 9592)])
+def test_app_primes_router_form_sums_in_a_semaphore(sbx, conn, limit, groups, primes):
+    # The calc host is this machine (upstream's scalebox.env names its own h0).
+    summary, _ = run_app(sbx, "app-primes", env={"PRIMES_MAX": str(limit), "NUM_GROUPS": str(groups),
+                                                  "CALC_HOST": socket.gethostname()})
+    assert summary["status"] == "FINISHED"
+    assert summary["modules"]["my-module"]["ok"] == groups
+    value = conn.execute("SELECT value FROM semaphores WHERE app_id = %s AND name = 'app-primes:sum_value'",
+                         (summary["id"],)).fetchone()
+    assert value == (primes,)
