@@ -263,6 +263,14 @@ _NO_EFFECT: dict[str, str] = {
     "task_id_in_headers": "headers carry from_module, from_host and from_ip",
     "app_id_in_headers": "headers carry from_module, from_host and from_ip",
 }
+_APP_PARAMETERS_NO_EFFECT = {
+    "initial_status": "an app starts RUNNING; 'scalebox-hpc app pause' pauses it",
+    "default_sleep_count": "a pilot leaves after idle_seconds without work",
+    "default_idle_polls": "a pilot leaves after idle_seconds without work",
+    "slot_group": "pilots are sized by the controller from the tasks ready",
+    "slot_config": "pilots are sized by the controller from the tasks ready",
+    "is_cluster_admin": "sites are configured in site files",
+}
 _MODULE_KEYS.update({"arguments": "arguments", **{k: k for k in _NO_EFFECT}})
 # Upstream's older spellings of keys we implement.
 _UPSTREAM_ALIASES = {"max_seconds_per_task": "task_max_seconds", "output_text_size": "stdout_limit",
@@ -307,9 +315,14 @@ class _AppParser(Checker):
             params = self.mapping(entries["parameters"])
             for key, value in params.items():
                 entry = Entry(value, f"{entries['parameters'].key}.{key}", params.line_of(key), str(key))
+                if key == "message_router":   # upstream's older name
+                    key = "main_router"
                 app.parameters[str(key)] = "" if value is None else self.scalar(value, entry)
                 if key == "main_router":
                     router_entry = entry
+                else:
+                    why = _APP_PARAMETERS_NO_EFFECT.get(str(key), "it is not an app parameter here (only main_router)")
+                    log.warning("%s line %s: %s has no effect here: %s", self.file, entry.line, entry.key, why)
             app.main_router = app.parameters.get("main_router") or None
 
         modules_entry = entries.get("modules")

@@ -443,3 +443,14 @@ def test_upstream_keys_without_effect_are_named_with_the_reason(tmp_path, caplog
                 "parameters.task_dist_mode"):
         assert any(f"jobs.a.{key}" in w and "has no effect here" in w for w in warned), (key, warned)
     assert all(w.count("\n") == 0 for w in warned)
+
+
+def test_upstream_app_parameters(tmp_path, caplog):
+    (tmp_path / "app.yaml").write_text(
+        "name: up\nparameters:\n  message_router: r\n  initial_status: RUNNING\njobs:\n"
+        "  r:\n    base_image: host\n    command: /bin/true\n    start_message: go\n")
+    with caplog.at_level("WARNING", logger="scalebox_hpc.appdef"):
+        app = load_app(tmp_path)
+    assert app.main_router == "r"
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "parameters.initial_status has no effect here" in warned[0]
