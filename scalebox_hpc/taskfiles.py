@@ -183,8 +183,8 @@ class InTask:
 def read_intask_dir(path: str, *, known_modules: Collection[str]) -> InTask:
     """What the in-task command left in ``path``: the messages of `scalebox task add`
     (N.body byte for byte, or N.lines in the sink-tasks.txt format; N.meta: the module on
-    its first line, then k=v headers) in the order they were added, the text of `scalebox app set-finished`, and the
-    semaphore changes (a semaphores.txt of its own)."""
+    its first line, then k=v headers) in the order they were added, the text of
+    `scalebox app set-finished`, and the semaphore changes (a semaphores.txt of its own)."""
     try:
         names = set(os.listdir(path))
     except FileNotFoundError:

@@ -161,7 +161,7 @@ class ModuleState:
             **upstream_variables(ctx.app_id, ctx.module_id, ctx.name, ctx.site, self.module)})
         if bin_dir is not None:
             # The in-task `scalebox` command comes first.
-            self.base_env["PATH"] = os.pathsep.join([str(bin_dir), *filter(None, [os.environ.get("PATH")])])
+            self.base_env["PATH"] = os.pathsep.join(filter(None, [str(bin_dir), os.environ.get("PATH")]))
         self.base_env.update({k: str(v) for k, v in self.module.environments.items()})
         # A threaded program uses the cores its task was given, unless told otherwise.
         self.base_env.setdefault("OMP_NUM_THREADS", str(self.module.task_cpus))
@@ -225,7 +225,8 @@ class TaskRunner:
             workdir=self.workdir, data_dir=str(self.data_dir), binary=s.runtime, pull_timeout=s.pull_timeout,
             image_cache=os.path.expandvars(s.image_cache or os.path.join(s.scratch_root, "scalebox-images")),
             root=str(pilot.scratch), instance_prefix=f"sbx-{self.worker_id}-{os.getpid()}",
-            gpu_flags=(gpu_flag,) if gpu_flag and pilot.resources.gpus else (), images=pilot.images))
+            gpu_flags=(gpu_flag,) if gpu_flag and pilot.resources.gpus else (), images=pilot.images,
+            bin_dir=str(pilot.bin_dir) if pilot.bin_dir else None))
         self.runtime_error: tuple[float, str] | None = None     # (when, why) prepare() last failed
         self.space_checked = (0.0, None)
 

@@ -30,6 +30,7 @@ class RuntimePlace:
     binary: str | None = None          # the site's runtime: apptainer, singularity, host; None: any on PATH
     pull_timeout: float = 900.0
     gpu_flags: tuple[str, ...] = ()    # --nv / --rocm for every container of a pilot with GPUs
+    bin_dir: str | None = None         # the in-task `scalebox` command's directory (intask.install)
     # The pilot's images, shared by its lanes: one per (image, mounts), one instance each.
     images: dict = field(default_factory=dict)
 
@@ -46,6 +47,6 @@ def runtime_for(module: ModuleDef, place: RuntimePlace) -> Runtime:
             binary=find_runtime(place.binary), image=module.base_image, root=place.root, data_dir=place.data_dir,
             code_path=module.code_path, volumes=list(module.volumes), cache_dir=place.image_cache,
             name=f"{place.instance_prefix}-i{len(place.images)}", gpu_flags=place.gpu_flags,
-            pull_timeout=place.pull_timeout)
+            pull_timeout=place.pull_timeout, bin_dir=place.bin_dir)
     return ContainerRuntime(shared, mode=module.container_mode, workdir=place.workdir,
                             variables=TASK_VARIABLES | set(module.environments))

@@ -156,7 +156,7 @@ class ContainerImage:
 
     def __init__(self, *, binary: str | None, image: str, root: str, data_dir: str, code_path: str | None,
                  volumes: list[str], cache_dir: str, name: str, gpu_flags: tuple[str, ...] = (),
-                 pull_timeout: float = 900.0):
+                 pull_timeout: float = 900.0, bin_dir: str | None = None):
         self.binary = binary
         self.wanted_image = image
         self.root = root
@@ -167,6 +167,7 @@ class ContainerImage:
         self.name = name                      # instance name, unique on the node
         self.gpu_flags = gpu_flags            # --nv / --rocm when the pilot has GPUs and the site says so
         self.pull_timeout = pull_timeout
+        self.bin_dir = bin_dir                # the in-task `scalebox` command, bound at intask.CONTAINER_BIN
         self.image: str | None = None
         self.instance_up = False
         self.lock = threading.Lock()          # lanes prepare at the same time: one pull, one start
@@ -199,9 +200,8 @@ class ContainerImage:
     def mounts(self) -> list[str]:
         """Binds every task of this image gets, WORK_DIR aside."""
         binds = [f"{self.data_dir}:{self.data_dir}"]
-        bin_dir = os.path.join(self.root, intask.BIN_DIR)
-        if os.path.isdir(bin_dir):
-            binds.append(f"{bin_dir}:{intask.CONTAINER_BIN}:ro")
+        if self.bin_dir:
+            binds.append(f"{self.bin_dir}:{intask.CONTAINER_BIN}:ro")
         if self.code_path:
             binds.append(f"{self.code_path}:{CONTAINER_CODE}:ro")
         return binds + list(self.volumes)
@@ -238,8 +238,9 @@ class ContainerImage:
         env.update({k: v for k, v in os.environ.items() if k.startswith(("APPTAINER_", "SINGULARITY_"))})
         for key, value in task_env.items():
             env[self.env_prefix + key] = value
-        # The in-task `scalebox` command first on the container's PATH.
-        env[self.env_prefix + "PREPEND_PATH"] = intask.CONTAINER_BIN
+        if self.bin_dir:
+            # The in-task `scalebox` command first on the container's PATH.
+            env[self.env_prefix + "PREPEND_PATH"] = intask.CONTAINER_BIN
         return env
 
     def close(self) -> None:
