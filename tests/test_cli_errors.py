@@ -112,3 +112,13 @@ def test_task_longer_than_the_site_walltime(sbx, conn, tmp_path):
                                 "    site: short\n")
     proc = sbx("submit", path, env={"SCALEBOX_SITES_DIR": str(sites)})
     assert_clean_failure(proc, conn, "modules.a", "task_max_seconds 600", "site short", "short.yaml")
+
+
+@pytest.mark.parametrize("command", ["run", "submit"])
+def test_per_host_slots_naming_a_host_the_site_lacks(sbx, conn, tmp_path, command):
+    # Upstream's examples name their own hosts (h0): here they would wait for ever.
+    here = socket.gethostname()
+    path = write_app(tmp_path, "name: x\nmodules:\n  a:\n" + GOOD_MODULE +
+                     f"    slots: ['{here}:2', 'h0:4']\n")
+    assert_clean_failure(sbx(command, path), conn, "modules.a: slots:", "host h0 is not a host of site local",
+                         f"run on {here} only", "give slots as a number")

@@ -61,7 +61,20 @@ class Site:
                 return (f"{key} {need} is more than a worker of {where} ever has ({have} {what}): lower {key} "
                         f"or give the site's jobs more ({'cpus' if key == 'task_cpus' else key[5:]} in its config"
                         f"{', slurm.cpus_per_task / gpus / mem' if self.kind == 'slurm' else ''})")
+        per_host = module.get("host_slots")
+        if per_host:
+            # Upstream's per-host form ['h0:4']: a host the site does not have would
+            # leave the module's tasks waiting for ever.
+            unknown = self.unknown_hosts(set(per_host))
+            if unknown:
+                return (f"slots: {'; '.join(unknown[h] for h in sorted(unknown))}: "
+                        "name hosts of the site in slots, or give slots as a number")
         return None
+
+    def unknown_hosts(self, hosts: set[str]) -> dict[str, str]:
+        """Which of these hosts the site does not have at all, and why (a host that is
+        only down or drained is not unknown)."""
+        return {}
 
     def launch(self, worker_ids: list[int], module: dict, host: str | None = None) -> dict[int, str | None]:
         """Start workers for these rows (on ``host``, when given); returns the batch job

@@ -48,6 +48,8 @@ class LocalSite(Site):
         return {h: f"host {h} is not a host of site {self.name} (its workers run on {self.host} only)"
                 for h in hosts if h != self.host}
 
+    unknown_hosts = gone_hosts
+
     def launch(self, worker_ids: list[int], module: dict, host: str | None = None) -> dict[int, str | None]:
         # 'host' can only be this machine: the controller asks gone_hosts() first.
         self.logdir.mkdir(parents=True, exist_ok=True)

@@ -260,6 +260,14 @@ class BatchSite(Site):
                 gone[host] = f"node {host} is {state} (sinfo{f', reason: {reason}' if reason else ''})"
         return gone
 
+    def unknown_hosts(self, hosts: set[str]) -> dict[str, str]:
+        nodes = self._nodes()
+        if not nodes:
+            return {}       # no answer from sinfo: nothing is refused on a guess
+        partition = self.config.slurm.partition or "(the default one)"
+        return {host: f"node {host} is not in partition {partition} (sinfo lists {', '.join(sorted(nodes))})"
+                for host in hosts if host not in nodes}
+
     def _nodes(self) -> dict[str, tuple[str, str]] | None:
         now = time.monotonic()
         if self.node_view_at is not None and now - self.node_view_at < self.pool.poll_seconds:
