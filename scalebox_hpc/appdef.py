@@ -68,6 +68,7 @@ class ModuleDef:
     check: str | None = None
     setup: str | None = None
     teardown: str | None = None
+    hooks_in_image: bool = False           # no command given: /app/bin/{check,setup,teardown}.sh if the image has them
     stdout_limit: int | None = None
     label: str | None = None
     line: int = 0
@@ -210,12 +211,12 @@ _TOP_KEYS: dict[str, str | None] = {
     "modules": "modules", "jobs": "modules",
 }
 _MODULE_KEYS: dict[str, str | None] = {
-    **{f.name: f.name for f in fields(ModuleDef) if f.name not in ("name", "line")},
+    **{f.name: f.name for f in fields(ModuleDef) if f.name not in ("name", "line", "hooks_in_image")},
     "start_task": "start_tasks", "start_message": "start_tasks",
     "sink_jobs": "sink_modules", "sink_module": "sink_modules",
     "cluster": "site", "hosts": "slots", "task_timeout_seconds": "task_max_seconds",
     "parameters": "parameters", "variables": "variables",
-    "description": None, "schedule_mode": None,
+    "description": None,
 }
 _MODULE_PARAMETER_KEYS: dict[str, str | None] = {
     "start_message": "start_tasks", "start_task": "start_tasks", "retry_rules": "retry_rules",
@@ -223,10 +224,21 @@ _MODULE_PARAMETER_KEYS: dict[str, str | None] = {
     "slots": "slots", "task_dist_mode": "task_dist_mode", "task_batch_size": "task_batch_size",
     "free_space_gb": "free_space_gb", "dir_quota_gb": "dir_quota_gb",
 }
-_MODULE_VARIABLE_KEYS: dict[str, str | None] = {"repeatable": None}
+_MODULE_VARIABLE_KEYS: dict[str, str | None] = {"repeatable": None, "repeated": None, "always_running": None}
+# Upstream module variables with no meaning here: accepted, with a one-line warning saying why.
+_VARIABLES_NO_EFFECT = {
+    "repeatable": "a message runs again only when it has the header repeatable: yes",
+    "repeated": "a message runs again only when it has the header repeatable: yes",
+    "always_running": "pilot lanes stay up while tasks are ready and leave when idle (idle_seconds)",
+}
+# Upstream's agent images run /app/bin/run.sh, and /app/bin/check.sh, setup.sh and
+# teardown.sh when the image has them.
+IMAGE_PROGRAM = "/app/bin/run.sh"
+IMAGE_HOOKS = {hook: f"/app/bin/{hook}.sh" for hook in HOOKS}
 # Upstream keys that mean nothing on a batch site: accepted, with a one-line warning saying why.
 _NO_EFFECT: dict[str, str] = {
     "slot_on_head": "a pilot runs in a batch job on a compute node, never on the head node",
+    "schedule_mode": "pilots claim their tasks from PostgreSQL themselves; there is no scheduler to place",
     "slot_options": "pilot lanes always stay up while tasks are ready and leave when idle "
                     "(idle_seconds); reserved slots are not needed",
     "task_min_seconds": "a lane is never marked GREEDY; short tasks are claimed in batches instead",
@@ -380,7 +392,11 @@ class _AppParser(Checker):
                 log.warning("%s line %s: %s has no effect here: %s", self.file, entry.line, entry.key, why)
         if "variables" in entries:
             variables = entries.pop("variables")
-            self.collect(self.mapping(variables), variables.key, _MODULE_VARIABLE_KEYS, entries)
+            mapping = self.mapping(variables)
+            self.collect(mapping, variables.key, _MODULE_VARIABLE_KEYS, entries)
+            for variable in mapping:
+                log.warning("%s line %s: %s.%s has no effect here: %s", self.file, mapping.line_of(variable),
+                            variables.key, variable, _VARIABLES_NO_EFFECT[variable])
 
         module = ModuleDef(name=name, line=line)
         converters = {
@@ -564,6 +580,9 @@ class _AppParser(Checker):
         elif module.base_image == HOST:
             raise self.error("no program: set 'command' (or 'code_path' with a run.sh in it)",
                              f"{key}.command", module.line)
+        else:
+            module.command = IMAGE_PROGRAM
+            module.hooks_in_image = True
         if module.command:
             self.check_program(module, module.command,
                                command.key if command else f"{key}.command",
@@ -577,9 +596,11 @@ class _AppParser(Checker):
                 self.check_program(module, path, entry.key, entry.line)
                 setattr(module, hook, path)
             elif module.code_path and module.command and not module.command.startswith("@"):
-                beside = os.path.join(os.path.dirname(module.command), hook)
-                if _executable(beside):
-                    setattr(module, hook, beside)
+                for name in (hook, f"{hook}.sh"):      # ours, and upstream's spelling
+                    beside = os.path.join(os.path.dirname(module.command), name)
+                    if _executable(beside):
+                        setattr(module, hook, beside)
+                        break
 
     def program_path(self, text: str, module: ModuleDef) -> str:
         if text.startswith("@"):    # builtin, e.g. '@noop'

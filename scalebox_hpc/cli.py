@@ -524,7 +524,8 @@ def task_show(ctx, task_id, as_json, full):
         if e["note"]:
             click.echo(f"    note: {e['note']}")
         stamps = [(c[2:], v) for c, v in e.items() if c.startswith("t_") and v is not None]
-        stamps += [(f"user:{label}", _parse_time(value)) for label, value in e["user_timestamps"] or []]
+        stamps += [(f"user:{label}" if label else "user", _parse_time(value))
+                   for label, value in e["user_timestamps"] or []]
         prev = None
         for name, ts in stamps:
             delta = f"  +{duration_text((ts - prev).total_seconds())}" if prev and ts else ""

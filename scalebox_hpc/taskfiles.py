@@ -20,7 +20,8 @@ SINK_FORMATS = ('body, body,{headers}, module,body, module,body,{headers} '
                 'or {"module":..,"body":..,"headers":{..}}')
 HEADERS_FORMAT = 'body,{"key":"value"} (a JSON object of strings, numbers, booleans or null)'
 SEMAPHORE_FORMAT = "name +N, name -N or name =N (N a non-negative integer)"
-TIMESTAMP_FORMAT = "label,ISO-8601 (e.g. program-start,2024-05-01T12:00:00Z)"
+TIMESTAMP_FORMAT = ("label,ISO-8601 or a bare ISO-8601 date-time "
+                    "(e.g. program-start,2024-05-01T12:00:00Z)")
 
 
 def _quote(text: str, limit: int = 80) -> str:
@@ -268,20 +269,41 @@ def parse_semaphores(text: str, filename: str = "semaphores.txt") -> list[Semaph
 # timestamps (timestamps.txt and task-exec.json)
 
 def _check_iso(value: str) -> None:
-    """Raise ValueError unless value is an ISO-8601 date-time."""
+    """Raise ValueError unless value is an ISO-8601 date-time (a comma before the
+    fraction of a second, as `date --iso-8601=ns` writes it, included)."""
     if value.endswith("Z"):
         value = value[:-1] + "+00:00"
     datetime.fromisoformat(value)
 
 
+def _is_iso(value: str) -> bool:
+    try:
+        _check_iso(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _label_and_stamp(text: str) -> tuple[str, str, bool]:
+    """Split one user timestamp: 'label,ISO-8601', or a bare ISO-8601 date-time (as
+    upstream's timestamps.txt has them), whose label is ''. Returns (label, stamp,
+    had_comma)."""
+    text = text.strip()
+    if _is_iso(text):
+        return "", text, False
+    label, sep, stamp = (part.strip() for part in text.partition(","))
+    return label, stamp, bool(sep)
+
+
 def parse_timestamps(text: str, filename: str = "timestamps.txt") -> list[tuple[str, str]]:
-    """Parse 'label,ISO-8601' lines; the timestamp string is kept as given."""
+    """Parse 'label,ISO-8601' lines, or bare ISO-8601 lines (label ''); the
+    timestamp string is kept as given."""
     stamps = []
     for lineno, line in _lines(text):
         if not line.strip():
             continue
-        label, sep, stamp = (part.strip() for part in line.partition(","))
-        if not sep or not label:
+        label, stamp, sep = _label_and_stamp(line)
+        if sep and not label:
             raise _line_error(filename, lineno, f"no label before a comma in {_quote(line)}",
                               TIMESTAMP_FORMAT)
         try:
@@ -305,6 +327,17 @@ class TaskExecInfo:
     output_files: list[str] | None = None
     timestamps: list[tuple[str, str]] = field(default_factory=list)
     user_text: str | None = None
+    sink_module: str | None = None              # upstream's sinkJob: where messageBody goes
+    message_body: list[str] | None = None       # upstream's messageBody: one body or a list
+
+    def messages(self, known_modules: Collection[str], filename: str = "task-exec.json") -> list[SinkMessage]:
+        """The messages of messageBody, to sinkJob (else the module's sink_modules)."""
+        module = self.sink_module or None
+        if module is not None and module not in known_modules:
+            names = ", ".join(sorted(known_modules)) or "(none)"
+            raise TaskFileError(f"{filename}: key \"sinkJob\": unknown module {_quote(module)}; "
+                                f"expected one of: {names}")
+        return [SinkMessage(module=module, body=body) for body in self.message_body or []]
 
 
 # JSON key (camelCase as in the spec) -> TaskExecInfo field; snake_case is accepted too.
@@ -316,8 +349,11 @@ _EXEC_KEYS = {
     "outputFiles": "output_files",
     "timestamps": "timestamps",
     "userText": "user_text",
+    "sinkJob": "sink_module",
+    "messageBody": "message_body",
 }
-_EXEC_FIELD_BY_KEY = {**_EXEC_KEYS, **{f: f for f in _EXEC_KEYS.values()}}
+_EXEC_FIELD_BY_KEY = {**_EXEC_KEYS, **{f: f for f in _EXEC_KEYS.values()},
+                      "sinkModule": "sink_module", "sink_job": "sink_module"}
 
 
 def _is_int(value: Any) -> bool:
@@ -325,15 +361,18 @@ def _is_int(value: Any) -> bool:
 
 
 def _exec_timestamps(value: Any, key_error) -> list[tuple[str, str]]:
-    expected = ('a list of "label,ISO-8601" strings, a list of [label, ISO-8601] pairs '
-                'or an object label -> ISO-8601')
+    expected = ('a list of "label,ISO-8601" or ISO-8601 strings, a list of [label, ISO-8601] '
+                'pairs or an object label -> ISO-8601')
     if isinstance(value, dict):
         pairs = list(value.items())
     elif isinstance(value, list):
         pairs = []
         for item in value:
-            if isinstance(item, str) and "," in item:
-                pairs.append(tuple(part.strip() for part in item.split(",", 1)))
+            if isinstance(item, str):
+                label, stamp, sep = _label_and_stamp(item)
+                if sep and not label or not sep and label:
+                    raise key_error(f"bad entry {_show(item)}", expected)
+                pairs.append((label, stamp))
             elif isinstance(item, list) and len(item) == 2:
                 pairs.append(tuple(item))
             else:
@@ -342,7 +381,7 @@ def _exec_timestamps(value: Any, key_error) -> list[tuple[str, str]]:
         raise key_error(f"is a JSON {type(value).__name__}", expected)
     stamps = []
     for label, stamp in pairs:
-        if not isinstance(label, str) or not label or not isinstance(stamp, str):
+        if not isinstance(label, str) or not isinstance(stamp, str):
             raise key_error(f"bad entry {_show([label, stamp])}",
                             expected)
         try:
@@ -392,9 +431,14 @@ def parse_task_exec_json(text: str, filename: str = "task-exec.json") -> TaskExe
                 raise error(f"is {_show(value)}", "a list of path strings")
         elif name == "timestamps":
             value = _exec_timestamps(value, error)
-        elif name == "user_text":
+        elif name in ("user_text", "sink_module"):
             if not isinstance(value, str):
                 raise error(f"is {_show(value)}", "a string")
+        elif name == "message_body":
+            if isinstance(value, str):
+                value = [value]
+            elif not isinstance(value, list) or not all(isinstance(b, str) for b in value):
+                raise error(f"is {_show(value)}", "a string or a list of strings")
         setattr(info, name, value)
     return info
 

@@ -30,7 +30,7 @@ from .db.queue import Queue
 from .db.rows import ClaimedTask, Message, TaskResult
 from .errors import DatabaseUnavailable, TaskFileError, first_line
 from . import intask, taskfiles
-from .appdef import ModuleDef
+from .appdef import IMAGE_HOOKS, ModuleDef
 from .policy import Budget, Candidate, plan, stages
 from .resources import NodeResources, gpu_environment, node_resources
 from .sites.launch import DRAIN_MARGIN
@@ -43,8 +43,9 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGHUP}
 MIN_FREE_BYTES = 16 << 20    # below this, scratch counts as full
 SINK_FILES = ("sink-tasks.txt", "messages.txt")
 # What a program leaves in WORK_DIR to talk to scalebox-hpc, as opposed to its data.
+USER_FILE = "user-file.txt"      # upstream's: the task's user text, unless task-exec.json has userText
 CONTROL_FILES = {*SINK_FILES, "task-exec.json", "timestamps.txt", "input-files.txt", "output-files.txt",
-                 "auxout.txt", "app-result.txt", "semaphores.txt", taskfiles.INTASK_DIR}
+                 "auxout.txt", USER_FILE, "app-result.txt", "semaphores.txt", taskfiles.INTASK_DIR}
 # Linux caps one argv string at 32 pages (MAX_ARG_STRLEN): bigger bodies travel in a file.
 MAX_ARG_BYTES = 128 * 1024 - 1
 # A pilot looks for new apps on its site this often, besides when one is announced.
@@ -172,6 +173,7 @@ class ModuleState:
         self.check_until = 0.0          # the check hook's answer holds until then
         self.check_ok = True
         self.hooks: TaskRunner | None = None     # runs setup, check and teardown
+        self.hooks_lock = threading.Lock()       # a hook runs, or its files go to a task
         self.active = True              # its app is RUNNING (as far as this pilot knows): claim for it
         self.ended: str | None = None   # the app's state once it left RUNNING (PAUSED may come back)
 
@@ -228,6 +230,7 @@ class TaskRunner:
             gpu_flags=(gpu_flag,) if gpu_flag and pilot.resources.gpus else (), images=pilot.images,
             bin_dir=str(pilot.bin_dir) if pilot.bin_dir else None))
         self.runtime_error: tuple[float, str] | None = None     # (when, why) prepare() last failed
+        self.image_hooks: dict[str, str] | None = None          # hook -> path in the image, once looked for
         self.space_checked = (0.0, None)
 
     @property
@@ -249,15 +252,46 @@ class TaskRunner:
             return str(exc)
 
     def _hook(self, name: str) -> ProgramResult | None:
+        """Run a hook in this runner's own WORK_DIR (/work in a container); what it
+        leaves there goes to the module's next task (hand_over)."""
         path = getattr(self.module, name)
-        if not path:
+        if not path and not self.module.hooks_in_image:
             return None
         problem = self._prepare_runtime()
+        if not path and not problem:
+            path = self._image_hooks().get(name)
+        if not path:
+            return None
         if problem:
             now = utcnow()
             return ProgramResult(Code.IMAGE, now, now, "", f"scalebox-hpc: {problem}\n")
-        return self.runtime.run(path, "", "{}", env=self.base_env, cwd=str(self.scratch), timeout=600,
-                                stdout=self.out, stderr=self.err)
+        with self.state.hooks_lock:
+            workdir = self._workdir()
+            return self.runtime.run(path, "", "{}", env=dict(self.base_env, WORK_DIR=workdir), cwd=workdir,
+                                    timeout=600, stdout=self.out, stderr=self.err)
+
+    def _image_hooks(self) -> dict[str, str]:
+        """Upstream's hooks in the module's image (/app/bin/check.sh, ...), looked for once."""
+        if self.image_hooks is None:
+            try:
+                found = self.runtime.executables(list(IMAGE_HOOKS.values()))
+            except ImageError as exc:
+                log.error("module %s: %s; no hooks from its image", self.module_name, exc)
+                found = set()
+            self.image_hooks = {hook: path for hook, path in IMAGE_HOOKS.items() if path in found}
+            if self.image_hooks:
+                log.info("module %s: hooks from its image: %s", self.module_name,
+                         ", ".join(sorted(self.image_hooks.values())))
+        return self.image_hooks
+
+    def hand_over(self, workdir: str) -> None:
+        """Move what the hooks left in their WORK_DIR into a task's (upstream's check
+        scripts leave notes in /work for the task that follows)."""
+        if not self.workdir_ready:
+            return
+        with self.state.hooks_lock:
+            for name in os.listdir(self.workdir):
+                os.replace(os.path.join(self.workdir, name), os.path.join(workdir, name))
 
 
     # -- one task -------------------------------------------------------------------------
@@ -281,6 +315,8 @@ class TaskRunner:
                           t_stageout_end=utcnow())
             result.code = Code.IMAGE
             return result
+        if self.state.hooks is not None:
+            self.state.hooks.hand_over(workdir)
         env = dict(self.base_env, WORK_DIR=workdir, TASK_ID=str(task.id), ATTEMPT=str(task.attempt),
                    **self.lane.env())
         body, body_file = task.body, None
@@ -442,6 +478,7 @@ class TaskRunner:
             with open(os.path.join(workdir, name), errors="replace") as fh:
                 return fh.read()
 
+        info = None
         if "task-exec.json" in names:
             info = taskfiles.parse_task_exec_json(read("task-exec.json"))
             if info.status_code is not None and code == 0:
@@ -463,12 +500,16 @@ class TaskRunner:
                     record[f"{kind}_bytes"] = taskfiles.sum_file_sizes(files, workdir)
         if "auxout.txt" in names:
             record["auxout"] = read("auxout.txt")[: self.out.limit]
+        if USER_FILE in names and record.get("user_text") is None:
+            record["user_text"] = read(USER_FILE)[: self.out.limit]     # upstream's user-file.txt
         if code != 0:
             return code
         for name in SINK_FILES:
             if name in names:
                 messages = taskfiles.parse_sink_tasks(read(name), known_modules=self.modules, filename=name)
                 result.messages += self._route(messages, result.task_id)
+        if info is not None and info.message_body:
+            result.messages += self._route(info.messages(self.modules), result.task_id)
         if "semaphores.txt" in names:
             result.semaphores = [(op.name, op.op, op.value)
                                  for op in taskfiles.parse_semaphores(read("semaphores.txt"))]
@@ -929,7 +970,7 @@ class Worker:
         hook agrees and its scratch and DATA_DIR have room."""
         if not state.active or (state.exhausted_at is not None and now - state.exhausted_at < 1.0):
             return False
-        if state.module.check and now >= state.check_until:
+        if (state.module.check or state.module.hooks_in_image) and now >= state.check_until:
             check = self._hook(state, "check")
             state.check_ok = check is None or check.code == 0
             state.check_until = time.monotonic() + (1.0 if state.check_ok else 5.0)

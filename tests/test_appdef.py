@@ -314,8 +314,10 @@ def test_program_inside_container_is_not_checked(app_dir):
           builtin:
             command: "@noop"
     """)
-    assert app.modules["m"].command == "/app/bin/run.sh"
-    assert app.modules["n"].command is None
+    assert app.modules["m"].command == "/app/bin/run.sh" and not app.modules["m"].hooks_in_image
+    # No command: upstream's agent convention, the image's /app/bin/run.sh, and its
+    # check.sh/setup.sh/teardown.sh where the image has them.
+    assert app.modules["n"].command == "/app/bin/run.sh" and app.modules["n"].hooks_in_image
     assert app.modules["builtin"].command == "@noop"
 
 

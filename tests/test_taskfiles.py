@@ -260,3 +260,30 @@ def test_sum_file_sizes(tmp_path):
         assert sum_file_sizes([], str(tmp_path)) == 0
     finally:
         other.unlink()
+
+
+# --- upstream's forms ------------------------------------------------------------
+
+def test_timestamps_bare_iso_lines_as_upstream_writes_them():
+    # Upstream's timestamps.txt holds bare date-times, `date --iso-8601=ns` among them
+    # (a comma before nine digits of fraction); a label is optional.
+    text = ("2008-03-19T18:35:03-08:00\n2012-11-17T08:52:21,963572856+08:00\n"
+            "done,2012-11-17T08:52:21,963572856+08:00\n")
+    assert parse_timestamps(text) == [("", "2008-03-19T18:35:03-08:00"),
+                                      ("", "2012-11-17T08:52:21,963572856+08:00"),
+                                      ("done", "2012-11-17T08:52:21,963572856+08:00")]
+
+
+def test_task_exec_upstream_sink_job_and_message_body():
+    info = parse_task_exec_json('{"statusCode":0, "timestamps":["2018-03-19T18:35:03-08:00",'
+                                '"2022-11-17T08:52:21,963572856+08:00"], "sinkJob":"next", "messageBody":"1"}')
+    assert info.timestamps == [("", "2018-03-19T18:35:03-08:00"), ("", "2022-11-17T08:52:21,963572856+08:00")]
+    assert [(m.module, m.body) for m in info.messages({"next"})] == [("next", "1")]
+    listed = parse_task_exec_json('{"messageBody": ["a", "b,c"]}')
+    assert [(m.module, m.body) for m in listed.messages({"next"})] == [(None, "a"), (None, "b,c")]
+    with pytest.raises(TaskFileError) as exc_info:
+        info.messages({"other"})
+    assert_one_line_error(exc_info, 'task-exec.json: key "sinkJob": unknown module "next"', "other")
+    with pytest.raises(TaskFileError) as exc_info:
+        parse_task_exec_json('{"messageBody": 5}')
+    assert_one_line_error(exc_info, '"messageBody"', "a string or a list of strings")

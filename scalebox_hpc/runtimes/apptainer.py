@@ -305,6 +305,23 @@ class ContainerRuntime(HostRuntime):
     def _runtime_env(self, task_env: dict[str, str]) -> dict[str, str]:
         return self.shared.runtime_env(task_env)
 
+    def executables(self, paths: list[str]) -> set[str]:
+        """Which of these paths are executable files in the image (one exec; the paths
+        are arguments of a fixed script, never part of it)."""
+        self.prepare()
+        target = [f"instance://{self.name}"] if self.mode == "instance" else \
+            ["--cleanenv", "--no-mount", "cwd", self.shared.image]
+        argv = self.client._init_command("exec") + target + [
+            "/bin/sh", "-c", 'for p do [ -f "$p" ] && [ -x "$p" ] && echo "$p"; done; exit 0', "sh", *paths]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120,
+                                  env=self._runtime_env({}), cwd=self.shared.root)
+        except subprocess.TimeoutExpired:
+            raise ImageError(f"looking for {', '.join(paths)} in {self.shared.image} took over 120 s") from None
+        if proc.returncode != 0:
+            raise ImageError(f"cannot look into {self.shared.image}: {last_line(proc.stderr, prefer='FATAL')}")
+        return set(proc.stdout.split("\n")) & set(paths)
+
     # -- per task -------------------------------------------------------------------------
     def inside(self, program: str) -> str:
         """The program's path as the container sees it."""

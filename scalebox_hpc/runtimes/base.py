@@ -99,5 +99,9 @@ class Runtime:
             timeout: float | None, stdout: OutputBuffer, stderr: OutputBuffer) -> ProgramResult:
         raise NotImplementedError
 
+    def executables(self, paths: list[str]) -> set[str]:
+        """Which of these paths are executable files where the programs run."""
+        return {path for path in paths if os.path.isfile(path) and os.access(path, os.X_OK)}
+
     def kill(self) -> None:
         """Stop the running program (called from another thread)."""

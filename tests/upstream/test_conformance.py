@@ -3,7 +3,11 @@ parameters:, the in-task `scalebox` command, JOB_ID), run unchanged but for the 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
+import subprocess
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -79,3 +83,77 @@ def test_app_primes_router_form_sums_in_a_semaphore(sbx, conn, limit, groups, pr
     value = conn.execute("SELECT value FROM semaphores WHERE app_id = %s AND name = 'app-primes:sum_value'",
                          (summary["id"],)).fetchone()
     assert value == (primes,)
+
+
+# -- apps whose program lives in the image ------------------------------------------------
+
+@pytest.fixture
+def agent_image(apptainer, open_dir):
+    """Upstream's images are its agent image with the module's scripts in /app/bin (their
+    Dockerfiles COPY *.sh there); ours is the test Debian image (a sandbox, hard-linked)
+    with the app's *.sh added the same way. Returns make(app) -> (image, env for sbx)."""
+    scratch = open_dir("sbx-test-scratch-")
+    env = dict(apptainer, SCALEBOX_SCRATCH=str(scratch),
+               PATH=f"{apptainer['PATH'].split(':')[0]}:{os.environ['PATH']}")
+
+    def make(app):
+        image = open_dir("sbx-test-agent-") / app
+        subprocess.run(["cp", "-al", apptainer["SBX_TEST_IMAGE_DIR"], str(image)], check=True)
+        bin_dir = image / "app" / "bin"
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        for script in (HERE / app).glob("*.sh"):
+            target = bin_dir / script.name
+            target.unlink(missing_ok=True)      # never write through a hard link into the base image
+            shutil.copy2(script, target)
+        return image, env
+    return make
+
+
+def test_task_exec_files_records_bytes_files_text_and_timestamps(sbx, conn, agent_image):
+    image, env = agent_image("task-exec-files")
+    summary, log = run_app(sbx, "task-exec-files", env=dict(env, TASK_EXEC_FILES_IMAGE=str(image)))
+    assert summary["status"] == "FINISHED"
+    assert "schedule_mode has no effect here" in log
+    rows = conn.execute(
+        "SELECT t.body, e.status_code, e.input_bytes, e.output_bytes, e.input_files, e.output_files, e.user_text, "
+        "e.user_timestamps, e.stdout, e.stderr FROM tasks t JOIN task_exec e ON e.task_id = t.id "
+        "WHERE t.app_id = %s ORDER BY t.id", (summary["id"],)).fetchall()
+    # The chain 0 -> 1 -> 2 went through task-exec.json's sinkJob and messageBody.
+    assert [(r[0], r[1]) for r in rows] == [("0", 0), ("1", 0), ("2", 0)]
+    first, second, third = rows
+    assert first[2:4] == (9999, 999)
+    assert first[6] == "user-defined text\nHello scalebox in message-0"
+    assert first[7] == [["", "2018-03-19T18:35:03-08:00"], ["", "2019-11-05T17:50:20.154+08:00"],
+                        ["", "2020-11-05T17:50:20.154918+08:00"], ["", "2021-11-05T17:50:20.154918780+08:00"],
+                        ["", "2022-11-17T08:52:21,963572856+08:00"]]
+    assert first[8].strip() == "stdout in message-0." and first[9].strip() == "stderr in message-0."
+    # Files as the program named them (paths inside its container).
+    assert second[4:6] == (["/etc/passwd", "/etc/group"], ["/etc/fstab", "/etc/hosts"])
+    # No userText in task-exec.json: the text of user-file.txt, as upstream keeps it.
+    text = "This is user-defined data in a file.\nMulti-line is supported.\n"
+    assert second[6] == text and third[6] == text
+    for row in (second, third):
+        stamps = row[7]
+        assert [label for label, _ in stamps] == [""] * 6
+        assert stamps[4][1] == "2012-11-17T08:52:21,963572856+08:00"
+        # the sixth is `date --iso-8601=ns` inside the container, at the task's run
+        assert abs((datetime.fromisoformat(stamps[5][1]) - datetime.fromisoformat(
+            stamps[4][1]).replace(year=datetime.now().year)).days) < 400
+    assert third[2:6] == (None, None, None, None)
+
+
+def test_check_test_takes_its_task_only_after_the_check_says_0(sbx, conn, agent_image, sbx_env):
+    image, env = agent_image("check_test")
+    summary, log = run_app(sbx, "check_test", env=dict(env, CHECK_TEST_IMAGE=str(image)))
+    assert summary["status"] == "FINISHED"
+    assert "variables.always_running has no effect here" in log
+    # The check's notes in /work reached the task, which appended its own: every throw
+    # but the last was 1 or 2, the last 0.
+    lines = summary["result"].split("\n")
+    assert lines[-1] == "check_test done!"
+    codes = [line.removeprefix("check_code:") for line in lines[:-1]]
+    assert codes and codes[-1] == "0" and set(codes[:-1]) <= {"1", "2"}, lines
+    # The image's check.sh and setup.sh were found and run: setup once, before the task.
+    logs = "".join(p.read_text() for p in (Path(sbx_env["SCALEBOX_STATE_DIR"]) / "logs").glob("worker-*.log"))
+    assert "hooks from its image: /app/bin/check.sh, /app/bin/setup.sh" in logs
+    assert conn.execute("SELECT count(*) FROM tasks WHERE app_id = %s", (summary["id"],)).fetchone() == (1,)
