@@ -175,8 +175,22 @@ class Controller:
             if n > 0:
                 home = max(modules, key=lambda m: (min(m.slots, m.ready) * m.task_cpus, -m.id))
                 module = {"id": home.id, "name": home.name, "app_id": home.app_id}
-                report["started"] += self._start_workers(site_name, module, n)
+                for host, k in self._placement(site, home, n, site_live).items():
+                    report["started"] += self._start_workers(site_name, module, k, host=host)
         return held_back
+
+    @staticmethod
+    def _placement(site: Site, home, n: int, live: int) -> dict[str | None, int]:
+        """Where n new pilots go: anywhere, or, for a home module with upstream's per-host
+        slots on a site of many hosts, to those hosts in turn (its tasks run nowhere else)."""
+        if not home.host_slots or site.kind == "local":
+            return {None: n}
+        hosts = sorted(home.host_slots)
+        placed: dict[str | None, int] = {}
+        for i in range(n):
+            host = hosts[(live + i) % len(hosts)]
+            placed[host] = placed.get(host, 0) + 1
+        return placed
 
     @staticmethod
     def _pilots_wanted(site: Site, modules: list) -> int:

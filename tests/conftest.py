@@ -261,3 +261,21 @@ def two_sites():
         for slurm_dir in started_slurm:
             subprocess.run(["bash", str(env_dir / "slurm-down.sh"), str(slurm_dir)],
                            capture_output=True)
+
+
+@pytest.fixture
+def sites_env(sbx_env, two_sites, dsn, tmp_path):
+    """The CLI's environment with site-a and site-b configured; no Slurm of its own."""
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    for site in (two_sites.a, two_sites.b):
+        scratch = tmp_path / f"scratch-{site.name}"
+        scratch.mkdir()
+        inbox = tmp_path / f"inbox-{site.name}"
+        (sites / f"site-{site.name}.yaml").write_text(site.config_yaml(
+            dsn, scratch_root=str(scratch), inbox=str(inbox),
+            slurm={"partition": "main", "walltime": "00:10:00", "job_name_prefix": f"sbx{site.name}"},
+            pool={"max_workers": 2, "max_queued_jobs": 4, "idle_seconds": 4, "poll_seconds": 1}))
+    env = {k: v for k, v in sbx_env.items() if k != "SLURM_CONF"}
+    env.update(SCALEBOX_SITES_DIR=str(sites), SITE_A="site-a", SITE_B="site-b")
+    return env

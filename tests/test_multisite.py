@@ -23,24 +23,6 @@ from test_faults import query
 ESCAPE_APP = REPO / "tests" / "apps" / "forward-escape"
 
 
-@pytest.fixture
-def sites_env(sbx_env, two_sites, dsn, tmp_path):
-    """The CLI's environment with site-a and site-b configured; no Slurm of its own."""
-    sites = tmp_path / "sites"
-    sites.mkdir()
-    for site in (two_sites.a, two_sites.b):
-        scratch = tmp_path / f"scratch-{site.name}"
-        scratch.mkdir()
-        inbox = tmp_path / f"inbox-{site.name}"
-        (sites / f"site-{site.name}.yaml").write_text(site.config_yaml(
-            dsn, scratch_root=str(scratch), inbox=str(inbox),
-            slurm={"partition": "main", "walltime": "00:10:00", "job_name_prefix": f"sbx{site.name}"},
-            pool={"max_workers": 2, "max_queued_jobs": 4, "idle_seconds": 4, "poll_seconds": 1}))
-    env = {k: v for k, v in sbx_env.items() if k != "SLURM_CONF"}
-    env.update(SCALEBOX_SITES_DIR=str(sites), SITE_A="site-a", SITE_B="site-b")
-    return env
-
-
 def cli(env, *args, timeout=600):
     return subprocess.run([sys.executable, "-m", "scalebox_hpc", *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=timeout)

@@ -15,7 +15,8 @@ SELECT m.id, m.app_id, m.name, m.site, m.slots, m.min_workers, m.worker_failures
        (SELECT max(w.stopped_at) FROM workers w WHERE w.module_id = m.id AND w.status = 'FAILED') AS last_failure,
        (SELECT count(*) FROM tasks t WHERE t.module_id = m.id AND t.status IN (@QUEUED, @RUNNING)) AS held,
        coalesce((m.definition->>'task_cpus')::integer, 1) AS task_cpus,
-       coalesce((m.definition->>'task_gpus')::integer, 0) AS task_gpus
+       coalesce((m.definition->>'task_gpus')::integer, 0) AS task_gpus,
+       m.definition->'host_slots' AS host_slots
 FROM modules m JOIN apps a ON a.id = m.app_id
 WHERE a.status = 'RUNNING'
 ORDER BY m.id;

@@ -138,6 +138,7 @@ class ModuleDemand:
     held: int = 0           # tasks claimed by pilots, queued or running
     task_cpus: int = 1
     task_gpus: int = 0
+    host_slots: dict | None = None   # upstream's per-host slots: its pilots go to these hosts
 
 
 @dataclass

@@ -7,9 +7,11 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
+import psycopg
 import pytest
 
 HERE = Path(__file__).parent
@@ -157,3 +159,24 @@ def test_check_test_takes_its_task_only_after_the_check_says_0(sbx, conn, agent_
     logs = "".join(p.read_text() for p in (Path(sbx_env["SCALEBOX_STATE_DIR"]) / "logs").glob("worker-*.log"))
     assert "hooks from its image: /app/bin/check.sh, /app/bin/setup.sh" in logs
     assert conn.execute("SELECT count(*) FROM tasks WHERE app_id = %s", (summary["id"],)).fetchone() == (1,)
+
+
+def test_cross_cluster_primes_counts_1229_with_calc_on_the_other_cluster(sites_env, two_sites, dsn):
+    # Upstream's scalebox.env names its own calc host (h0): here a node of site b's cluster.
+    env = dict(sites_env, CLUSTER="site-a", CALC_CLUSTER="site-b", CALC_HOST="n2")
+    proc = subprocess.run([sys.executable, "-m", "scalebox_hpc", "run", "--json", HERE / "cross-cluster-primes"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "FINISHED" and summary["modules"]["my-module"]["ok"] == 10
+    with psycopg.connect(dsn) as conn:
+        value = conn.execute("SELECT value FROM semaphores WHERE app_id = %s AND name = 'app-primes:sum_value'",
+                             (summary["id"],)).fetchone()
+        where = conn.execute(
+            "SELECT m.name, w.site, w.host, count(*) FROM task_exec e JOIN tasks t ON t.id = e.task_id "
+            "JOIN modules m ON m.id = t.module_id JOIN workers w ON w.id = e.worker_id "
+            "WHERE t.app_id = %s GROUP BY 1, 2, 3", (summary["id"],)).fetchall()
+    assert value == (1229,)
+    # calc ran on site b, on the host its per-host slots name; the router on site a.
+    assert {(m, s, h) for m, s, h, _ in where if m == "my-module"} == {("my-module", "site-b", "n2")}
+    assert {(m, s) for m, s, _, _ in where if m == "mr-module"} == {("mr-module", "site-a")}
