@@ -232,9 +232,11 @@ _VARIABLES_NO_EFFECT = {
     "always_running": "pilot lanes stay up while tasks are ready and leave when idle (idle_seconds)",
 }
 # Upstream's agent images run /app/bin/run.sh, and /app/bin/check.sh, setup.sh and
-# teardown.sh when the image has them.
+# teardown.sh when the image has them (else those of /app/share/bin). The variables
+# ACTION_RUN, ACTION_CHECK, ... name other programs.
 IMAGE_PROGRAM = "/app/bin/run.sh"
-IMAGE_HOOKS = {hook: f"/app/bin/{hook}.sh" for hook in HOOKS}
+IMAGE_DIRS = ("/app/bin", "/app/share/bin")
+ACTION_VARIABLES = {"command": "ACTION_RUN", **{hook: f"ACTION_{hook.upper()}" for hook in HOOKS}}
 # Upstream keys that mean nothing on a batch site: accepted, with a one-line warning saying why.
 _NO_EFFECT: dict[str, str] = {
     "slot_on_head": "a pilot runs in a batch job on a compute node, never on the head node",
@@ -573,8 +575,11 @@ class _AppParser(Checker):
     def programs(self, module: ModuleDef, entries: dict[str, Entry], key: str) -> None:
         command = entries.get("command")
         text = self.text(command) if command else None
+        action = module.environments.get(ACTION_VARIABLES["command"])
         if text and text.strip():
             module.command = self.program_path(text.strip(), module)
+        elif action:
+            module.command = self.program_path(action, module)
         elif module.code_path:
             module.command = os.path.join(module.code_path, "run.sh")
         elif module.base_image == HOST:
@@ -583,6 +588,9 @@ class _AppParser(Checker):
         else:
             module.command = IMAGE_PROGRAM
             module.hooks_in_image = True
+        if action and not (text and text.strip()):
+            self.check_program(module, module.command, f"{key}.environments.{ACTION_VARIABLES['command']}",
+                               module.line)
         if module.command:
             self.check_program(module, module.command,
                                command.key if command else f"{key}.command",
@@ -591,9 +599,14 @@ class _AppParser(Checker):
         for hook in HOOKS:
             entry = entries.get(hook)
             text = self.text(entry) if entry else None
+            action = module.environments.get(ACTION_VARIABLES[hook])
             if text and text.strip():
                 path = self.program_path(text.strip(), module)
                 self.check_program(module, path, entry.key, entry.line)
+                setattr(module, hook, path)
+            elif action:
+                path = self.program_path(action, module)
+                self.check_program(module, path, f"{key}.environments.{ACTION_VARIABLES[hook]}", module.line)
                 setattr(module, hook, path)
             elif module.code_path and module.command and not module.command.startswith("@"):
                 for name in (hook, f"{hook}.sh"):      # ours, and upstream's spelling

@@ -542,6 +542,8 @@ def task_show(ctx, task_id, as_json, full):
             click.echo(f"    forwarded to site {fwd['site']}: {fwd['files']} file(s), {fwd['bytes']} bytes in "
                        f"{fwd['seconds']} s ({fwd['mode']}, {fwd['tries']} tr{'y' if fwd['tries'] == 1 else 'ies'})"
                        f" -> {fwd['path']}")
+        if e.get("extras"):
+            click.echo(f"    extras: {json.dumps(e['extras'], ensure_ascii=False, sort_keys=True)}")
         for key in ("stdout", "stderr", "user_text", "auxout"):
             text = (e[key] or "").rstrip()
             if text:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import yaml
+
 from .errors import TaskFileError
 
 SINK_FORMATS = ('body, body,{headers}, module,body, module,body,{headers} '
@@ -92,6 +94,29 @@ def _check_headers(headers: Any, filename: str, lineno: int) -> dict:
     return headers
 
 
+def _parse_json_line(line: str, known_modules: Collection[str], filename: str, lineno: int) -> SinkMessage:
+    """A line that starts with '{': our JSON message ({"module":..,"body":..,"headers":..};
+    one with "module" or "headers", or only "body"), or upstream's JSON body, alone or
+    followed by ,{headers}: the JSON text is the body."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        obj = None
+    if isinstance(obj, dict):
+        if "module" in obj or "headers" in obj or set(obj) == {"body"}:
+            return _parse_json_message(line, known_modules, filename, lineno)
+        return SinkMessage(module=None, body=line)
+    if obj is None and "},{" in line:
+        rest, headers = _split_headers(line, filename, lineno)
+        try:
+            body_obj = json.loads(rest)
+        except json.JSONDecodeError:
+            body_obj = None
+        if isinstance(body_obj, dict):
+            return SinkMessage(module=None, body=rest, headers=headers)
+    return _parse_json_message(line, known_modules, filename, lineno)
+
+
 def _parse_json_message(line: str, known_modules: Collection[str],
                         filename: str, lineno: int) -> SinkMessage:
     try:
@@ -157,7 +182,7 @@ def parse_sink_tasks(text: str, *, known_modules: Collection[str],
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
-            messages.append(_parse_json_message(line, known_modules, filename, lineno))
+            messages.append(_parse_json_line(line, known_modules, filename, lineno))
             continue
         rest, headers = _split_headers(line, filename, lineno)
         module, sep, body = rest.partition(",")
@@ -300,7 +325,7 @@ def parse_timestamps(text: str, filename: str = "timestamps.txt") -> list[tuple[
     timestamp string is kept as given."""
     stamps = []
     for lineno, line in _lines(text):
-        if not line.strip():
+        if not line.strip() or line.lstrip().startswith("#"):      # '#': a comment, as upstream
             continue
         label, stamp, sep = _label_and_stamp(line)
         if sep and not label:
@@ -402,6 +427,50 @@ def parse_task_exec_json(text: str, filename: str = "task-exec.json") -> TaskExe
     if not isinstance(obj, dict):
         raise TaskFileError(f"{filename}: top level is a JSON {type(obj).__name__}; "
                             "expected a JSON object")
+    return _task_exec(obj, filename)
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """YAML with date-times kept as the text written (a user timestamp stays as given)."""
+
+
+_PlainLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+def _load_yaml_mapping(text: str, filename: str) -> dict:
+    try:
+        obj = yaml.load(text, Loader=_PlainLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise TaskFileError(f"{filename}{where}: invalid YAML: {getattr(exc, 'problem', None) or exc}; "
+                            "expected a YAML mapping") from None
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise TaskFileError(f"{filename}: top level is a YAML {type(obj).__name__}; expected a mapping")
+    return obj
+
+
+def parse_task_exec_yaml(text: str, filename: str = "task-exec.yaml") -> TaskExecInfo:
+    """Upstream's newer task-exec.yaml: the keys of task-exec.json, in YAML."""
+    return _task_exec(_load_yaml_mapping(text, filename), filename)
+
+
+def parse_extra_attrs(text: str, filename: str = "extra-attrs.yaml") -> dict:
+    """Upstream's extra-attrs.yaml: a mapping kept with the attempt as it is (JSON)."""
+    obj = _load_yaml_mapping(text, filename)
+    try:
+        json.dumps(obj)
+    except (TypeError, ValueError) as exc:
+        raise TaskFileError(f"{filename}: cannot be kept as JSON ({exc}); expected plain "
+                            "strings, numbers, lists and mappings") from None
+    return obj
+
+
+def _task_exec(obj: dict, filename: str) -> TaskExecInfo:
 
     def key_error(key: str):
         def make(problem: str, expected: str) -> TaskFileError:

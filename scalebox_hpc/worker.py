@@ -30,7 +30,7 @@ from .db.queue import Queue
 from .db.rows import ClaimedTask, Message, TaskResult
 from .errors import DatabaseUnavailable, TaskFileError, first_line
 from . import intask, taskfiles
-from .appdef import IMAGE_HOOKS, ModuleDef
+from .appdef import HOOKS, IMAGE_DIRS, ModuleDef
 from .policy import Budget, Candidate, plan, stages
 from .resources import NodeResources, gpu_environment, node_resources
 from .sites.launch import DRAIN_MARGIN
@@ -44,8 +44,10 @@ MIN_FREE_BYTES = 16 << 20    # below this, scratch counts as full
 SINK_FILES = ("sink-tasks.txt", "messages.txt")
 # What a program leaves in WORK_DIR to talk to scalebox-hpc, as opposed to its data.
 USER_FILE = "user-file.txt"      # upstream's: the task's user text, unless task-exec.json has userText
-CONTROL_FILES = {*SINK_FILES, "task-exec.json", "timestamps.txt", "input-files.txt", "output-files.txt",
-                 "auxout.txt", USER_FILE, "app-result.txt", "semaphores.txt", taskfiles.INTASK_DIR}
+REMOVED_FILES = "removed-files.txt"   # upstream's: paths to delete once the attempt is counted
+CONTROL_FILES = {*SINK_FILES, "task-exec.json", "task-exec.yaml", "extra-attrs.yaml", "timestamps.txt",
+                 "input-files.txt", "output-files.txt", REMOVED_FILES, "auxout.txt", USER_FILE, "app-result.txt",
+                 "semaphores.txt", taskfiles.INTASK_DIR}
 # Linux caps one argv string at 32 pages (MAX_ARG_STRLEN): bigger bodies travel in a file.
 MAX_ARG_BYTES = 128 * 1024 - 1
 # A pilot looks for new apps on its site this often, besides when one is announced.
@@ -271,14 +273,17 @@ class TaskRunner:
                                     timeout=600, stdout=self.out, stderr=self.err)
 
     def _image_hooks(self) -> dict[str, str]:
-        """Upstream's hooks in the module's image (/app/bin/check.sh, ...), looked for once."""
+        """Upstream's hooks in the module's image (/app/bin/check.sh, else
+        /app/share/bin/check.sh, ...), looked for once."""
         if self.image_hooks is None:
+            wanted = {hook: [f"{d}/{hook}.sh" for d in IMAGE_DIRS] for hook in HOOKS}
             try:
-                found = self.runtime.executables(list(IMAGE_HOOKS.values()))
+                found = self.runtime.executables([p for paths in wanted.values() for p in paths])
             except ImageError as exc:
                 log.error("module %s: %s; no hooks from its image", self.module_name, exc)
                 found = set()
-            self.image_hooks = {hook: path for hook, path in IMAGE_HOOKS.items() if path in found}
+            self.image_hooks = {hook: next(p for p in paths if p in found)
+                                for hook, paths in wanted.items() if found.intersection(paths)}
             if self.image_hooks:
                 log.info("module %s: hooks from its image: %s", self.module_name,
                          ", ".join(sorted(self.image_hooks.values())))
@@ -467,6 +472,23 @@ class TaskRunner:
         self._cleanup(workdir, code, task, names)
         return result
 
+    def _removable(self, paths: list[str], workdir: str) -> tuple[list[str], list[str]]:
+        """removed-files.txt's paths as this node sees them, and those refused: a program
+        in a container names its own paths, so only its WORK_DIR (/work) and DATA_DIR
+        (the same path inside) are known outside it."""
+        inside = getattr(self.runtime, "container_work", None) if self.module.in_container else None
+        removable, refused = [], []
+        for path in paths:
+            if not os.path.isabs(path):
+                path = os.path.join(workdir, path)
+            elif inside and (path == inside or path.startswith(inside + "/")):
+                path = workdir + path[len(inside):]
+            elif inside and not (path + "/").startswith(str(self.data_dir).rstrip("/") + "/"):
+                refused.append(path)
+                continue
+            removable.append(os.path.normpath(path))
+        return removable, refused
+
     def _collect(self, workdir: str, names: set[str], code: int, result: TaskResult) -> int:
         """Read what the program left in WORK_DIR. Messages, semaphores and the app
         result count only for a successful attempt; records are kept for every one."""
@@ -481,6 +503,9 @@ class TaskRunner:
         info = None
         if "task-exec.json" in names:
             info = taskfiles.parse_task_exec_json(read("task-exec.json"))
+        elif "task-exec.yaml" in names:
+            info = taskfiles.parse_task_exec_yaml(read("task-exec.yaml"))
+        if info is not None:
             if info.status_code is not None and code == 0:
                 code = info.status_code
             record.update(input_bytes=info.input_bytes, output_bytes=info.output_bytes,
@@ -500,10 +525,18 @@ class TaskRunner:
                     record[f"{kind}_bytes"] = taskfiles.sum_file_sizes(files, workdir)
         if "auxout.txt" in names:
             record["auxout"] = read("auxout.txt")[: self.out.limit]
+        if "extra-attrs.yaml" in names:
+            record["extras"] = taskfiles.parse_extra_attrs(read("extra-attrs.yaml"))
         if USER_FILE in names and record.get("user_text") is None:
             record["user_text"] = read(USER_FILE)[: self.out.limit]     # upstream's user-file.txt
         if code != 0:
             return code
+        if REMOVED_FILES in names:
+            result.removals, refused = self._removable(taskfiles.parse_file_list(read(REMOVED_FILES), REMOVED_FILES),
+                                                       workdir)
+            if refused:
+                record["note"] = (f"{REMOVED_FILES}: not removed, outside WORK_DIR and DATA_DIR as this "
+                                  f"container sees them: {', '.join(refused)[:500]}")
         for name in SINK_FILES:
             if name in names:
                 messages = taskfiles.parse_sink_tasks(read(name), known_modules=self.modules, filename=name)
@@ -1128,6 +1161,19 @@ class Worker:
             self._db(lambda a=app_id, g=group: self.queue.complete(worker_id=self.worker_id, app_id=a, results=g,
                                                                    retry_rules=rules),
                      "commit task results", finishing=True)
+        # What the programs asked to delete goes only once their attempts are on record:
+        # an attempt lost before that runs again with its inputs still there.
+        for result in results:
+            for path in result.removals if result.committed else ():
+                try:
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path)
+                    else:
+                        os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    log.warning("task %s: removed-files.txt: cannot remove %s: %s", result.task_id, path, exc)
 
     # -- heartbeat ----------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:

@@ -456,3 +456,25 @@ def test_upstream_app_parameters(tmp_path, caplog):
     assert app.main_router == "r"
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and "parameters.initial_status has no effect here" in warned[0]
+
+
+def test_upstream_action_variables_name_the_program_and_hooks(app_dir):
+    script(app_dir / "calc-code" / "mycheck.sh")
+    script(app_dir / "calc-code" / "go.sh")
+    app = load(app_dir, """
+        name: a
+        modules:
+          m:
+            code_path: calc-code
+            environments: [ACTION_RUN=go.sh, ACTION_CHECK=mycheck.sh]
+    """)
+    m = app.modules["m"]
+    assert (m.command, m.check) == (str(app_dir / "calc-code" / "go.sh"), str(app_dir / "calc-code" / "mycheck.sh"))
+    msg = error(app_dir, """
+        name: a
+        modules:
+          m:
+            code_path: calc-code
+            environments: [ACTION_SETUP=missing.sh]
+    """)
+    assert "modules.m.environments.ACTION_SETUP: program not found" in msg

@@ -8,7 +8,9 @@ from scalebox_hpc.taskfiles import (
     parse_file_list,
     parse_semaphores,
     parse_sink_tasks,
+    parse_extra_attrs,
     parse_task_exec_json,
+    parse_task_exec_yaml,
     parse_timestamps,
     sum_file_sizes,
 )
@@ -104,7 +106,7 @@ def test_sink_unicode_line_separator_is_not_a_line_break():
     ('b,{"k":[1,2]}', "non-scalar"),
     ('{"module":"nosuch","body":"x"}', 'unknown module "nosuch"'),
     ('{"module":"calc"}', 'no "body"'),
-    ('{"body":"x","extra":1}', '"extra"'),
+    ('{"module":"calc","body":"x","extra":1}', '"extra"'),
     ('{"body":["x"]}', '"body"'),
     ('{"body":true}', '"body"'),
     ('{"body":"x","module":3}', '"module"'),
@@ -287,3 +289,38 @@ def test_task_exec_upstream_sink_job_and_message_body():
     with pytest.raises(TaskFileError) as exc_info:
         parse_task_exec_json('{"messageBody": 5}')
     assert_one_line_error(exc_info, '"messageBody"', "a string or a list of strings")
+
+
+def test_sink_upstream_json_bodies():
+    # Upstream's seven line forms; in 2, 4 and 7 the body is JSON text, kept as written.
+    text = ('body1\n{"bh0":"a","body":"body2"}\nbody3,{"h0":"a","h1":"b"}\n'
+            '{"bh0":"a","body":"body4"},{"h0":"a","h1":"b"}\nsink-mod0,body5\n'
+            'sink_mod1,body6,{"h0":"a","h1":"b"}\nsink-mod2,{"bh0":"a","body":"body7"},{"h0":"a","h1":"b"}\n'
+            '{"nested":{"x":[1,{"y":2}]}}\n')
+    got = [(m.module, m.body, m.headers) for m in
+           parse_sink_tasks(text, known_modules={"sink-mod0", "sink_mod1", "sink-mod2"})]
+    h = {"h0": "a", "h1": "b"}
+    assert got == [(None, "body1", {}), (None, '{"bh0":"a","body":"body2"}', {}), (None, "body3", h),
+                   (None, '{"bh0":"a","body":"body4"}', h), ("sink-mod0", "body5", {}), ("sink_mod1", "body6", h),
+                   ("sink-mod2", '{"bh0":"a","body":"body7"}', h), (None, '{"nested":{"x":[1,{"y":2}]}}', {})]
+
+
+def test_task_exec_yaml_keeps_timestamps_as_written_and_checks_keys():
+    info = parse_task_exec_yaml("statusCode: 3\ninputBytes: 10\ntimestamps: [2024-05-01T12:00:00Z, 'a,2024-05-01']\n"
+                                "sinkJob: next\nmessageBody: [x, y]\n")
+    assert (info.status_code, info.input_bytes, info.sink_module, info.message_body) == (3, 10, "next", ["x", "y"])
+    assert info.timestamps == [("", "2024-05-01T12:00:00Z"), ("a", "2024-05-01")]   # text, not datetimes
+    assert parse_task_exec_yaml("") == TaskExecInfo()
+    for text, needle in (("statusCode: zero\n", 'key "statusCode"'), ("- 1\n", "top level is a YAML list"),
+                         ("a: [\n", "task-exec.yaml line 2: invalid YAML")):
+        with pytest.raises(TaskFileError) as exc_info:
+            parse_task_exec_yaml(text)
+        assert_one_line_error(exc_info, needle)
+
+
+def test_extra_attrs_is_a_mapping_kept_as_json():
+    assert parse_extra_attrs("n: 1\nwhen: 2024-05-01\nnested: {a: [1, b]}\n") == \
+        {"n": 1, "when": "2024-05-01", "nested": {"a": [1, "b"]}}
+    with pytest.raises(TaskFileError) as exc_info:
+        parse_extra_attrs("just text\n")
+    assert_one_line_error(exc_info, "extra-attrs.yaml: top level is a YAML str")

@@ -106,6 +106,8 @@ class Queue(TaskWrites):
                 log.warning("dropped %d result(s) of attempts whose lease was recovered",
                             len(results) - len(applied))
             self._write_execs(r.record for r in applied)
+            for r in applied:
+                r.committed = True
             # Only a successful attempt routes messages and changes app state.
             succeeded = [r for r in applied if r.code == 0]
             self._insert_messages(app_id, [m for r in succeeded for m in r.messages])

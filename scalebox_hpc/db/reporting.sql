@@ -15,7 +15,7 @@ SELECT e.attempt, e.status_code, e.worker_id, w.site, w.host, w.ip, w.slurm_job_
        e.t_stageout_start, e.t_stageout_end, e.t_sink_committed, e.t_completed,
        e.t_forward_start, e.t_forward_end, e.user_timestamps, e.stdout, e.stderr, e.user_text,
        e.auxout, e.input_bytes, e.output_bytes, e.input_files, e.output_files, e.messages_out, e.note,
-       e.forward_bytes, e.forward_files, e.forwards
+       e.forward_bytes, e.forward_files, e.forwards, e.extras
 FROM task_exec e JOIN tasks t ON t.id = e.task_id LEFT JOIN workers w ON w.id = e.worker_id
 WHERE e.task_id = %(task_id)s ORDER BY e.attempt;
 

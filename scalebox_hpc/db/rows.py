@@ -54,6 +54,8 @@ class TaskResult:
     semaphores: list[tuple[str, str, int]] = field(default_factory=list)
     app_result: str | None = None
     module_id: int | None = None                  # the task's module (its retry rules, its wake-up)
+    removals: list[str] = field(default_factory=list)   # removed-files.txt: deleted once committed
+    committed: bool = False                       # set by Queue.complete when it applied this one
 
 
 @dataclass
@@ -243,6 +245,7 @@ class Execution:
     forward_bytes: int | None
     forward_files: int | None
     forwards: list | None
+    extras: dict | None = None      # upstream's extra-attrs.yaml
 
 
 @dataclass

@@ -19,7 +19,7 @@ from .rows import Message
 # completions of the first big app as for an empty table.
 ANALYZE_AFTER = 5000
 EXEC_COLUMNS = tuple(re.search(r"\((.*?)\)", QUERIES["copy_task_exec"], re.S).group(1).replace(",", " ").split())
-_JSON_COLUMNS = {"user_timestamps", "input_files", "output_files", "forwards"}
+_JSON_COLUMNS = {"user_timestamps", "input_files", "output_files", "forwards", "extras"}
 _EXEC_INDEX = {c: i for i, c in enumerate(EXEC_COLUMNS)}
 _EMPTY_EXEC_ROW = [None] * len(EXEC_COLUMNS)
 _EMPTY_EXEC_ROW[_EXEC_INDEX["messages_out"]] = 0

@@ -42,7 +42,7 @@ COPY task_exec (task_id, attempt, status_code, worker_id, t_ready, t_claimed, t_
                 t_program_start, t_program_end, t_stageout_start, t_stageout_end,
                 t_forward_start, t_forward_end, user_timestamps, stdout, stderr, user_text,
                 auxout, input_bytes, output_bytes, input_files, output_files, messages_out, note,
-                forward_bytes, forward_files, forwards, slot, cpus, gpus)
+                forward_bytes, forward_files, forwards, slot, cpus, gpus, extras)
 FROM STDIN;
 
 -- name: notify_module

@@ -180,3 +180,37 @@ def test_cross_cluster_primes_counts_1229_with_calc_on_the_other_cluster(sites_e
     # calc ran on site b, on the host its per-host slots name; the router on site a.
     assert {(m, s, h) for m, s, h, _ in where if m == "my-module"} == {("my-module", "site-b", "n2")}
     assert {(m, s) for m, s, _, _ in where if m == "mr-module"} == {("mr-module", "site-a")}
+
+
+def test_agent_interface_files_as_upstream_describes_them(sbx, conn, sbx_env):
+    summary, log = run_app(sbx, "agent-files")
+    assert summary["status"] == "FINISHED", summary
+    assert "variables.repeatable has no effect here" in log
+    (row,) = conn.execute(
+        "SELECT e.status_code, e.user_text, e.user_timestamps, e.extras, e.input_bytes, e.output_bytes, "
+        "e.output_files, e.auxout, e.note FROM task_exec e JOIN tasks t ON t.id = e.task_id JOIN modules m "
+        "ON m.id = t.module_id WHERE t.app_id = %s AND m.name = 'writer'", (summary["id"],)).fetchall()
+    code, text, stamps, extras, in_bytes, out_bytes, out_files, aux, note = row
+    assert code == 0 and note is None
+    assert text == "written as YAML\n"
+    # task-exec.yaml's timestamps first, then timestamps.txt's, each as written; '#' lines skipped.
+    assert stamps == [["", "2024-05-01T12:00:00Z"], ["parsed", "2024-05-01 12:00:01.5"],
+                      ["", "2024-05-01T12:00:02"], ["written", "2024-05-01T12:00:03.123456789+08:00"]]
+    assert extras == {"frames": 12, "detector": {"name": "ccd 3", "gain": 1.5}}
+    # Bytes were counted before removed-files.txt took consumed.dat away; kept.dat stays.
+    assert (in_bytes, out_bytes, out_files, aux) == (15, 6, ["result.dat"], "aux line\n")
+    listed = conn.execute("SELECT e.stdout FROM task_exec e JOIN tasks t ON t.id = e.task_id "
+                          "WHERE t.app_id = %s AND t.body = 'body1'", (summary["id"],)).fetchone()[0]
+    assert listed.split() == ["body1", "kept.dat"]     # consumed.dat went once the writer was on record
+    bodies = conn.execute(
+        "SELECT t.body, t.headers::text FROM tasks t JOIN modules m ON m.id = t.module_id "
+        "WHERE t.app_id = %s AND m.name = 'sink' ORDER BY t.id", (summary["id"],)).fetchall()
+    got = [(body, {k: v for k, v in json.loads(headers).items() if k in ("h0", "h1")}) for body, headers in bodies]
+    h = {"h0": "a", "h1": "b"}
+    assert got == [("body1", {}), ('{"bh0":"a","body":"body2"}', {}), ("body3", h),
+                   ('{"bh0":"a","body":"body4"}', h), ("body5", {}), ("body6", h),
+                   ('{"bh0":"a","body":"body7"}', h)]
+    shown = sbx("task", "show", conn.execute(
+        "SELECT t.id FROM tasks t JOIN modules m ON m.id = t.module_id WHERE t.app_id = %s AND m.name = 'writer'",
+        (summary["id"],)).fetchone()[0])
+    assert 'extras: {"detector": {"gain": 1.5, "name": "ccd 3"}, "frames": 12}' in shown.stdout, shown.stdout
