@@ -211,7 +211,8 @@ _TOP_KEYS: dict[str, str | None] = {
     "modules": "modules", "jobs": "modules",
 }
 _MODULE_KEYS: dict[str, str | None] = {
-    **{f.name: f.name for f in fields(ModuleDef) if f.name not in ("name", "line", "hooks_in_image")},
+    **{f.name: f.name for f in fields(ModuleDef)
+       if f.name not in ("name", "line", "hooks_in_image", "host_slots")},     # the last two are derived
     "start_task": "start_tasks", "start_message": "start_tasks",
     "sink_jobs": "sink_modules", "sink_module": "sink_modules",
     "cluster": "site", "hosts": "slots", "task_timeout_seconds": "task_max_seconds",
