@@ -279,3 +279,20 @@ def test_cancelling_one_app_leaves_the_pilots_other_app_running(sbx, sbx_env, ds
                       "WHERE t.app_id = %s AND e.status_code = 0", drop_id)[0][0] == 0
     assert query(dsn, "SELECT count(*) FROM workers")[0][0] == 1
     assert query(dsn, "SELECT status FROM apps WHERE id = %s", drop_id)[0][0] == "CANCELLED"
+
+
+def test_builtin_pass_routes_its_body_on_without_a_process(sbx, sbx_env, dsn, tmp_path):
+    # '@pass' (a pipeline stage of no cost, for benchmarks) sends its body to its sink
+    # modules; an unknown builtin is refused at submit.
+    app = tmp_path / "pass"
+    app.mkdir()
+    (app / "app.yaml").write_text("name: pass\nmodules:\n  a:\n    command: '@pass'\n    sink_modules: [b]\n"
+                                  "    start_task: [x, 'y,z']\n  b:\n    command: '@noop'\n")
+    summary = json.loads(sbx("run", "--json", app, check=0).stdout)
+    assert summary["modules"]["a"]["ok"] == 2 and summary["modules"]["b"]["ok"] == 2
+    rows = query(dsn, "SELECT t.body, t.from_task_id IS NOT NULL FROM tasks t JOIN modules m ON m.id = t.module_id "
+                      "WHERE t.app_id = %s AND m.name = 'b' ORDER BY t.body", summary["id"])
+    assert rows == [("x", True), ("y,z", True)]
+    (app / "app.yaml").write_text("name: bad\nmodules:\n  a:\n    command: '@nope'\n")
+    proc = sbx("submit", app, check=1)
+    assert "unknown builtin program @nope (builtins: @noop, @pass)" in proc.stderr
