@@ -25,6 +25,7 @@ SCALEBOX_ENV = "scalebox.env"
 log = logging.getLogger(__name__)
 HOST = "host"
 HOOKS = ("check", "setup", "teardown")
+BUILTINS = ("@noop", "@pass")     # programs built into the worker (runtimes/builtin.py)
 DIST_MODES = ("DEFAULT", "HOST-BOUND")
 # What the tasks of a HOST-BOUND module do when the host their to_host names is gone.
 HOST_FALLBACKS = ("fail", "anywhere")
@@ -623,6 +624,8 @@ class _AppParser(Checker):
 
     def check_program(self, module: ModuleDef, path: str, key: str, line: int) -> None:
         if path.startswith("@"):
+            if path not in BUILTINS:
+                raise self.error(f"unknown builtin program {path} (builtins: {', '.join(BUILTINS)})", key, line)
             return
         on_host = module.base_image == HOST or (
             module.code_path is not None and _is_within(path, module.code_path))

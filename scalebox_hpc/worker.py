@@ -380,6 +380,9 @@ class TaskRunner:
             record["output_files"] = left
             if record.get("output_bytes") is None:
                 record["output_bytes"] = taskfiles.sum_file_sizes(left, workdir)
+        if code == 0 and self.module.command == "@pass":
+            result.messages += self._route([taskfiles.SinkMessage(module=None, body=task.body)], task.id)
+            record["messages_out"] = len(result.messages)
         record["t_stageout_end"] = utcnow()
         if code == 0 and result.messages:
             code = self._forward(workdir, task, result)
