@@ -27,7 +27,7 @@ us, from `run` to the first claim, which includes inserting the tasks), steady t
 end to end (the whole command, interpreter start included), as median (min-max) over
 the repeats, then our ratios. --scale shrinks every count for a quick look.
 
-Usage: compare.py [--repeat R] [--scale S] [--workers W] [--no-slurm] [--json FILE]
+Usage: compare.py [--repeat R] [--scale S] [--workers W] [--no-slurm] [--json FILE] | --table FILE
 """
 from __future__ import annotations
 
@@ -161,32 +161,37 @@ def _spread(values: list[float], fmt: str) -> str:
 
 
 def table(results: dict, counts: dict) -> str:
+    """Per workload, each system's figures and our ratios against it: against the
+    scalebox-hpc run of the same task count (the Slurm peers against scalebox-hpc on
+    Slurm)."""
     lines = []
     for workload, systems in results.items():
         lines.append(f"\n{WORKLOADS.get(workload, workload)}: {counts[workload]:,} "
                      f"{'items x 3 stages' if workload == 'pipeline' else 'tasks'}")
-        lines.append(f"  {'system':<26} {'steady tasks/s':>26} {'startup s':>18} {'end to end s':>22} "
+        lines.append(f"  {'system':<28} {'steady tasks/s':>24} {'startup s':>18} {'end to end s':>20} "
                      f"{'ours/them steady':>17} {'ours/them e2e':>14}")
-        base = systems.get("scalebox-hpc", {}).get("runs") or []
-        base_rate = statistics.median([r["tasks"] / r["steady"] for r in base]) if base else None
-        base_total = statistics.median([r["total"] for r in base]) if base else None
+        ours_by_count = {}
+        for system, entry in systems.items():
+            if system.startswith("scalebox-hpc") and entry["runs"]:
+                runs = entry["runs"]
+                ours_by_count[runs[0]["tasks"]] = (statistics.median([r["tasks"] / r["steady"] for r in runs]),
+                                                   statistics.median([r["total"] for r in runs]))
         for system, entry in systems.items():
             runs, errors = entry["runs"], entry["errors"]
             if not runs:
-                lines.append(f"  {system:<26} failed: {errors[0] if errors else 'not run'}")
+                lines.append(f"  {system:<28} failed: {errors[0] if errors else 'not run'}")
                 continue
             rates = [r["tasks"] / r["steady"] for r in runs]
             totals = [r["total"] for r in runs]
             ratio = ratio_e2e = ""
-            if base_rate and not system.startswith("scalebox-hpc"):
-                ratio = f"{base_rate / statistics.median(rates):.2f}"
-                # end to end only between runs of the same task count
-                if runs[0]["tasks"] == base[0]["tasks"]:
-                    ratio_e2e = f"{statistics.median(totals) / base_total:.2f}"
-            lines.append(f"  {system:<26} {_spread(rates, ',.0f'):>26} {_spread([r['startup'] for r in runs], '.2f'):>18} "
-                         f"{_spread(totals, '.1f'):>22} {ratio:>17} {ratio_e2e:>14}")
+            base = ours_by_count.get(runs[0]["tasks"])
+            if base and not system.startswith("scalebox-hpc"):
+                ratio = f"{base[0] / statistics.median(rates):.2f}"
+                ratio_e2e = f"{statistics.median(totals) / base[1]:.2f}"
+            lines.append(f"  {system:<28} {_spread(rates, ',.0f'):>24} {_spread([r['startup'] for r in runs], '.2f'):>18} "
+                         f"{_spread(totals, '.1f'):>20} {ratio:>17} {ratio_e2e:>14}")
             if errors:
-                lines.append(f"  {'':<26} ({len(errors)} run(s) failed: {errors[0]})")
+                lines.append(f"  {'':<28} ({len(errors)} run(s) failed: {errors[0]})")
     return "\n".join(lines)
 
 
@@ -214,7 +219,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-slurm", action="store_true", help="leave out the Slurm job array and srun steps")
     ap.add_argument("--json", help="also write every measurement to this file")
+    ap.add_argument("--table", metavar="JSON", help="only print the table of an earlier run's --json file")
     args = ap.parse_args()
+    if args.table:
+        saved = json.loads(Path(args.table).read_text())
+        print(f"machine: {saved['machine']}\npeers: {saved['peers']}\nworkers: {saved['workers']} per system")
+        print(table(saved["results"], saved["counts"]))
+        return
     if not PEERS_PYTHON.exists():
         sys.exit(f"{PEERS_PYTHON} is missing: run bench/peers/run (it installs the peers)")
     counts = {"true": int(20000 * args.scale), "noop": int(100000 * args.scale), "pipeline": int(10000 * args.scale)}
@@ -282,7 +293,7 @@ def main() -> None:
     print("\nsteady: peers from submitting the tasks to the last done, scalebox-hpc from its first claim to its "
           "last commit;\nstartup: to a warm system (peers: cluster up, one task run; scalebox-hpc: `run` to the first "
           "claim, inserting the tasks included);\nend to end: the whole command; ratios > 1: scalebox-hpc is faster "
-          "(e2e: their time / ours, same task count only)")
+          "(e2e: their time / ours), against our run of the same task count")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "peers": versions(), "workers": w,
                                                "counts": counts, "results": results}, indent=1))
