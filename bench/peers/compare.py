@@ -64,18 +64,21 @@ class Failed(Exception):
 
 # -- scalebox-hpc --------------------------------------------------------------------------
 
-def ours(workload: str, n: int, env: dict, tmp: Path, tag: str) -> dict:
+def ours(workload: str, n: int, workers: int, env: dict, tmp: Path, tag: str) -> dict:
+    """One pilot of `workers` lanes (the local site's cpus); every module may use all of
+    them (slots: a module's default is 1 task at a time)."""
     app = tmp / f"app-{workload}-{tag}"
     app.mkdir()
     (app / "bodies.txt").write_text("".join(f"{i}\n" for i in range(n)))
+    slots = f"    slots: {workers}\n"
     if workload == "pipeline":
-        modules = ("  a:\n    command: '@pass'\n    sink_modules: [b]\n    start_task: FILE:bodies.txt\n"
-                   "  b:\n    command: '@pass'\n    sink_modules: [c]\n"
-                   "  c:\n    command: '@noop'\n")
+        modules = (f"  a:\n    command: '@pass'\n    sink_modules: [b]\n    start_task: FILE:bodies.txt\n{slots}"
+                   f"  b:\n    command: '@pass'\n    sink_modules: [c]\n{slots}"
+                   f"  c:\n    command: '@noop'\n{slots}")
         expected = {"a": n, "b": n, "c": n}
     else:
         command = "/bin/true" if workload == "true" else "'@noop'"
-        modules = f"  m:\n    base_image: host\n    command: {command}\n    start_task: FILE:bodies.txt\n"
+        modules = f"  m:\n    base_image: host\n    command: {command}\n    start_task: FILE:bodies.txt\n{slots}"
         expected = {"m": n}
     (app / "app.yaml").write_text(f"name: peers-{workload}\nmodules:\n{modules}")
     started = time.perf_counter()
@@ -269,7 +272,7 @@ def main() -> None:
                 tag = f"{rep}"
                 try:
                     if system == "scalebox-hpc":
-                        run = ours(workload, n, env, tmp, tag)
+                        run = ours(workload, n, w, env, tmp, tag)
                     elif system == "gnu parallel":
                         run = gnu_parallel(n, w, tmp)
                     elif slurm and (system.startswith("slurm") or system == "scalebox-hpc on slurm"):
