@@ -292,11 +292,17 @@ class TaskRunner:
     def hand_over(self, workdir: str) -> None:
         """Move what the hooks left in their WORK_DIR into a task's (upstream's check
         scripts leave notes in /work for the task that follows)."""
-        if not self.workdir_ready:
+        if not self.workdir_ready or not os.listdir(self.workdir):
             return
-        with self.state.hooks_lock:
+        # A hook running now (it holds the lock for its whole run) is not waited for: what
+        # it leaves goes to a later task, and the lane starts this one at once.
+        if not self.state.hooks_lock.acquire(blocking=False):
+            return
+        try:
             for name in os.listdir(self.workdir):
                 os.replace(os.path.join(self.workdir, name), os.path.join(workdir, name))
+        finally:
+            self.state.hooks_lock.release()
 
 
     # -- one task -------------------------------------------------------------------------
