@@ -84,13 +84,19 @@ WHERE task_id = ANY(%(task_ids)s) GROUP BY task_id, status_code;
 -- name: complete_tasks
 -- Only the attempt this worker still holds may complete: a late answer from an
 -- attempt whose lease was recovered changes nothing (exactly-once routing).
+-- Held is written as a range (-4 < status < -1, i.e. QUEUED or RUNNING), not IN (-2, -3):
+-- IN matches the partial indexes of held tasks, whose statistics (taken when none were
+-- held) promise one row, and the planner then joined every held task to every element
+-- of the arrays: 90,000 comparisons and 17 ms for a batch of 300. The range leaves it
+-- one primary-key lookup per element (2 ms).
 UPDATE tasks t
 SET status = x.status,
     worker_id = CASE WHEN x.status = @READY THEN NULL ELSE t.worker_id END,
     ready_at = CASE WHEN x.status = @READY THEN now() ELSE t.ready_at END,
     finished_at = CASE WHEN x.status = @READY THEN NULL ELSE now() END
 FROM unnest(%(task_ids)s::bigint[], %(attempts)s::integer[], %(statuses)s::integer[]) AS x(id, attempt, status)
-WHERE t.id = x.id AND t.worker_id = %(worker_id)s AND t.status IN (@QUEUED, @RUNNING) AND t.attempts = x.attempt
+WHERE t.id = x.id AND t.worker_id = %(worker_id)s AND t.status > @RUNNING - 1 AND t.status < @QUEUED + 1
+  AND t.attempts = x.attempt
 RETURNING t.id, t.status;
 
 -- name: count_done
