@@ -171,3 +171,24 @@ def test_task_cpus_sets_omp_num_threads_unless_set(sbx, sbx_env, dsn, tmp_path):
     rows = dict(query(dsn, "SELECT m.name, e.stdout FROM task_exec e JOIN tasks t ON t.id = e.task_id "
                            "JOIN modules m ON m.id = t.module_id WHERE t.app_id = %s", app_id))
     assert rows == {"four": "threads=4\n", "told": "threads=1\n"}
+
+
+def test_programs_get_sigpipe_at_its_default(sbx, sbx_env, dsn, tmp_path):
+    # Python ignores SIGPIPE, and an ignored signal is inherited across exec: a task's
+    # `producer | head -1` must end the producer with SIGPIPE, as in a shell, instead of
+    # leaving it writing into a closed pipe (errors on stderr, or a loop that never ends).
+    app = tmp_path / "pipe"
+    app.mkdir()
+    prog = app / "pipe.sh"
+    prog.write_text("#!/bin/sh\ngrep -E '^Sig(Ign|Blk)' /proc/self/status\nyes | head -1\n")
+    prog.chmod(0o755)
+    (app / "app.yaml").write_text(f"name: pipe\nmodules:\n  m:\n    base_image: host\n    command: {prog}\n"
+                                  "    start_task: x\n")
+    app_id = json.loads(sbx("submit", "--json", app, check=0).stdout)["id"]
+    run_controller_until_done(sbx_env, dsn, app_id)
+    ((code, stdout, stderr),) = query(dsn, "SELECT e.status_code, e.stdout, e.stderr FROM task_exec e "
+                                           "JOIN tasks t ON t.id = e.task_id WHERE t.app_id = %s", app_id)
+    masks = dict(line.split(":\t") for line in stdout.splitlines()[:2])
+    sigpipe = 1 << (13 - 1)
+    assert not int(masks["SigIgn"], 16) & sigpipe and not int(masks["SigBlk"], 16) & sigpipe
+    assert (code, stdout.splitlines()[2:], stderr) == (0, ["y"], None)

@@ -16,6 +16,9 @@ KILL_GRACE_SECONDS = 5.0
 # The working directory is the process's, shared by a pilot's lanes: one chdir and
 # spawn at a time.
 _SPAWN_LOCK = threading.Lock()
+# Python ignores SIGPIPE and SIGXFSZ, and an ignored signal stays ignored across exec: a
+# program must get them at their default, as from a shell (subprocess's restore_signals).
+_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 class HostRuntime(Runtime):
@@ -49,7 +52,7 @@ class HostRuntime(Runtime):
                                      file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                                                    (os.POSIX_SPAWN_DUP2, stdout.fd, 1),
                                                    (os.POSIX_SPAWN_DUP2, stderr.fd, 2)],
-                                     setsid=True)
+                                     setsigdef=_DEFAULT_SIGNALS, setsid=True)
         except OSError as exc:
             # Same codes a shell gives for a program it cannot find or run.
             stderr.write(f"scalebox-hpc: cannot start {executable}: {exc.strerror}\n")
