@@ -126,6 +126,10 @@ def _submit(ctx, path: str, env_files: tuple[str, ...], site: str | None) -> tup
             raise ScaleboxError(f"{app.path}: modules.{name}: {problem}")
         modules.append(mod_json)
     start = [(name, body) for name, mod in app.modules.items() for body in mod.start_tasks]
+    for mod_json in app_json["modules"].values():
+        # They become tasks; a copy in the stored definition would only be read back (by
+        # every pilot and claim) for nothing: a FILE: list of a million bodies is megabytes.
+        mod_json["start_tasks"] = []
     app_id = Apps(_database(ctx)).create_app(app_json, modules, start)
     return app, app_id
 

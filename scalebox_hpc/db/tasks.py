@@ -79,6 +79,7 @@ class TaskWrites(Queries):
             for m in messages:
                 copy.write_row((app_id, m.module_id, m.body, json.dumps(m.headers), m.repeatable, m.to_host))
         if len(messages) >= ANALYZE_AFTER:
+            self._run("analyze_sample")
             self._run("analyze_tasks")
         self._notify_ready({m.module_id for m in messages})
 

@@ -32,6 +32,11 @@ COPY task_keys (module_id, body_md5) FROM STDIN;
 -- The start tasks of a new app: nothing older to dedup against, so a plain COPY.
 COPY tasks (app_id, module_id, body, headers, repeatable, to_host) FROM STDIN;
 
+-- name: analyze_sample
+-- The planner needs the queue's size and the share of each state, not fine histograms:
+-- a sample of 3,000 rows instead of 30,000 makes the ANALYZE below ten times cheaper.
+SET LOCAL default_statistics_target = 10;
+
 -- name: analyze_tasks
 -- After a bulk load: the planner's statistics of the queue describe what is in it now.
 ANALYZE tasks, task_keys;
