@@ -22,7 +22,6 @@ import signal
 import socket
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,11 +187,7 @@ class Lane:
     def __init__(self, index: int):
         self.index = index
         self.busy = False
-        # Its module and the tasks it holds and has not started yet (the main thread adds
-        # to them: a top-up, under ``ready``).
-        self.work: tuple[ModuleState, deque[ClaimedTask]] | None = None
-        self.low_water = 0              # as few left as this: ask for a top-up
-        self.wants_more = False
+        self.work: tuple[ModuleState, list[ClaimedTask]] | None = None
         self.cpus = 0
         self.gpus: tuple[str, ...] = ()
         self.mem_mb = 0
@@ -913,8 +908,7 @@ class Worker:
             if free and self.pending:
                 # Finished tasks hold their module's slots until committed: commit first.
                 self._flush()
-            topups = [lane for lane in self.lanes if lane.busy and lane.wants_more]
-            claimed, blocked = self._claim(free, topups, now) if free or topups else (0, None)
+            claimed, blocked = self._claim(free, now) if free else (0, None)
             busy = any(lane.busy for lane in self.lanes)
             if busy or claimed:
                 idle_since = now
@@ -1026,9 +1020,9 @@ class Worker:
             return False
         return state.hooks._space_problem() is None
 
-    def _claim(self, free: list[Lane], topups: list[Lane], now: float) -> tuple[int, str | None]:
-        """One claim for the free lanes, and the top-ups of busy lanes running low:
-        (how many free lanes got tasks, why nothing more can ever be claimed here, or None)."""
+    def _claim(self, free: list[Lane], now: float) -> tuple[int, str | None]:
+        """One claim for the free lanes: (how many lanes got tasks, why nothing more can
+        ever be claimed here, or None)."""
         res = self.resources
         busy = [lane for lane in self.lanes if lane.busy]
         used_gpus = {g for lane in busy for g in lane.gpus}
@@ -1050,11 +1044,10 @@ class Worker:
                                         room=max(0, m.slots - running) if m.slots else None,
                                         cpus=max(1, m.task_cpus), gpus=m.task_gpus, mem_mb=m.task_mem or 0,
                                         last_served=state.last_served))
-        topups = self._topups(topups, {c.module_id for c in candidates}, batches)
         if not candidates:
             blocked = "walltime: no time left for another task" if active and walltime == len(active) else None
             return 0, blocked
-        picks = plan(candidates, budget) if free else {}
+        picks = plan(candidates, budget)
         free_gpus = [g for g in res.gpus if g not in used_gpus]
         lanes = iter(free)
         entries, asked = [], {}
@@ -1069,10 +1062,6 @@ class Worker:
                 lane.gpus, free_gpus = tuple(free_gpus[:m.task_gpus]), free_gpus[m.task_gpus:]
                 entries.append((module_id, lane.index, batches[module_id]))
                 asked[lane.index] = (module_id, batches[module_id])
-        for lane, state, batch in topups:
-            entries.append((state.module_id, lane.index, batch))
-        # Entries of one module next to each other (the claim reads each module's slots once).
-        entries.sort(key=lambda e: order.index(e[0]) if e[0] in order else len(order))
         if not entries:
             return 0, None
         rows = self._db(lambda: self.queue.claim_pilot(worker_id=self.worker_id, host=self.host, entries=entries),
@@ -1091,59 +1080,19 @@ class Worker:
                 continue
             state.last_served = now
             with lane.ready:
-                lane.work = (state, deque(tasks))
+                lane.work = (state, tasks)
                 lane.busy = True
-                lane.low_water, lane.wants_more = self._low_water(tasks), False
                 lane.ready.notify()
-        for lane, state, batch in topups:
-            tasks = sorted(by_lane.get(lane.index, []), key=lambda t: t.id)
-            if len(tasks) < batch:
-                state.exhausted_at = now
-            if not tasks:
-                continue
-            with lane.ready:
-                if lane.busy and lane.work[0] is state:
-                    lane.work[1].extend(tasks)
-                else:       # it ran out meanwhile: it starts on them
-                    lane.work, lane.busy = (state, deque(tasks)), True
-                    lane.ready.notify()
-                lane.low_water, lane.wants_more = self._low_water(tasks), False
-        return sum(1 for index in asked if by_lane.get(index)), None
+        return len(by_lane), None
 
-    @staticmethod
-    def _low_water(tasks: list[ClaimedTask]) -> int:
-        """A lane given tasks in a batch (short ones) asks for more when half are done;
-        one given a single task (a long one) does not: a task held behind a long one
-        would wait there while other pilots could run it."""
-        return len(tasks) // 2 if len(tasks) > 1 else -1
-
-    def _topups(self, lanes: list[Lane], claimable: set[int],
-                batches: dict[int, int]) -> list[tuple[Lane, ModuleState, int]]:
-        """(lane, its module, batch) for the busy lanes running low whose module may be claimed and is
-        the only one that may: where other modules wait, a lane goes back to the policy at
-        the end of its batch instead (downstream first, none starved)."""
-        if len(claimable) != 1:
-            return []
-        wanted = []
-        for lane in lanes:
-            work = lane.work
-            if work is None or work[0].module_id not in claimable:
-                continue
-            state, queue = work
-            batch = self._batch_size(state, ahead=len(queue) * state.avg_seconds)
-            if batch:
-                wanted.append((lane, state, min(batch, batches[state.module_id])))
-        return wanted
-
-    def _batch_size(self, state: ModuleState, ahead: float = 0.0) -> int:
+    def _batch_size(self, state: ModuleState) -> int:
         """How many tasks one lane claims in a row: about one flush interval of work
         (long tasks one by one, short ones in batches), and only what fits before the
-        job's walltime ends, after ``ahead`` seconds of tasks the lane holds already: 0
-        when not even one task fits."""
+        job's walltime ends: 0 when not even one task fits."""
         size = max(1, min(state.max_batch, int(self.settings.flush_seconds / max(state.avg_seconds, 1e-4))))
         if self.settings.job_end is None:
             return size
-        left = self.settings.job_end - self.settings.drain_margin - time.time() - ahead
+        left = self.settings.job_end - self.settings.drain_margin - time.time()
         # A task is claimed only if its task_max_seconds fits; without one, if 1.5 times
         # the longest task seen so far fits (nothing seen yet: one is tried).
         limit = state.module.task_max_seconds
@@ -1162,53 +1111,41 @@ class Worker:
                     lane.ready.wait()
                 if lane.work is None:
                     return
-                state, queue = lane.work
+                state, tasks = lane.work
             try:
-                ended = self._run_batch(lane, state, queue)
+                self._run_batch(lane, state, tasks)
             except BaseException as exc:   # noqa: BLE001 - the main thread fails the pilot
                 log.exception("lane %s crashed", lane.index)
-                self.crash, ended = exc, "crashed"
-            with lane.ready:
-                if ended == "done" and queue:
-                    continue        # topped up after it looked: it runs on
-                left = list(queue)
-                lane.work, lane.busy = None, False
-            if ended == "give back" and left:
-                with self.lock:
-                    self.giveback.extend(t.id for t in left)
-            self.wake.set()
-
-    def _run_batch(self, lane: Lane, state: ModuleState, queue: deque[ClaimedTask]) -> str:
-        """Run a lane's tasks one after the other, while the main thread may add more;
-        how it ended: "done", "give back" (its app stopped running: the rest go back now,
-        and the pilot serves on), or "stopped" (those not started when the pilot drains
-        stay held and go back at sign-off, free of cost)."""
-        runner = self._runner(lane, state)
-        while True:
-            if self.draining.is_set() or self.stopped.is_set():
-                return "stopped"
-            if not state.active:
-                return "give back"
-            with lane.ready:
-                if not queue:
-                    return "done"
-                task = queue.popleft()
-                low = len(queue) == lane.low_water
-            if low:
-                lane.wants_more = True
+                self.crash = exc
+            finally:
+                with lane.ready:
+                    lane.work = None
+                    lane.busy = False
                 self.wake.set()
+
+    def _run_batch(self, lane: Lane, state: ModuleState, tasks: list[ClaimedTask]) -> None:
+        """Run a lane's tasks one after the other; those not started when the pilot
+        drains stay held and go back at sign-off, free of cost."""
+        runner = self._runner(lane, state)
+        for i, task in enumerate(tasks):
+            if self.draining.is_set() or self.stopped.is_set():
+                return
+            if not state.active:
+                # Its app stopped running: the rest go back now (the pilot serves on).
+                with self.lock:
+                    self.giveback.extend(t.id for t in tasks[i:])
+                return
             t0 = time.monotonic()
             result = runner._run_task(task)
             took = time.monotonic() - t0
-            # The first task sets the estimate: short tasks get batches from the second claim on.
-            state.avg_seconds = 0.8 * state.avg_seconds + 0.2 * took if state.longest_seconds else took
+            state.avg_seconds = 0.8 * state.avg_seconds + 0.2 * took
             state.longest_seconds = max(state.longest_seconds, took)
             if self.stopped.is_set():
-                return "stopped"    # lost while it ran: the result must not count
+                return      # lost while it ran: the result must not count
             if state.ended == AppStatus.CANCELLED:
                 with self.lock:     # cancelled while it ran: nothing counts, all go back
-                    self.giveback.append(task.id)
-                return "give back"
+                    self.giveback.extend(t.id for t in tasks[i:])
+                return
             with self.lock:
                 if not self.pending:
                     self.pending_since = time.monotonic()

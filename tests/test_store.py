@@ -159,25 +159,3 @@ def test_a_claim_reads_the_ready_index_not_the_rows_in_front(dsn):
     got = claim(s, wid, app_id, ids["m"], 2)        # the one-module claim, the same way
     assert [t.body for t in got] == ["2", "3"]
     assert stats.conn.execute(read).fetchone()[0] - after < 30
-
-
-def test_a_lane_tops_up_its_module_within_its_slot(dsn):
-    # slots: 2. Lanes 0 and 1 of one pilot hold the module's two slots; lane 0 may claim
-    # more of its module before it runs out (one slot however many it holds), lane 2 of the
-    # same pilot and a lane of another pilot may not take a third slot.
-    s = connect(dsn)
-    app_id, ids = make_app(s, [str(i) for i in range(20)])
-    wid, other = running_worker(s, ids["m"]), running_worker(s, ids["m"])
-    first = s.queue.claim_pilot(worker_id=wid, host="h1", entries=[(ids["m"], 0, 3), (ids["m"], 1, 3)])
-    assert sorted(t.slot for t in first) == [0, 0, 0, 1, 1, 1]
-    assert s.queue.claim_pilot(worker_id=wid, host="h1", entries=[(ids["m"], 2, 3)]) == []
-    assert s.queue.claim_pilot(worker_id=other, host="h1", entries=[(ids["m"], 0, 3)]) == []
-    more = s.queue.claim_pilot(worker_id=wid, host="h1", entries=[(ids["m"], 2, 3), (ids["m"], 0, 4)])
-    assert [t.slot for t in more] == [0, 0, 0, 0]
-    assert [t.body for t in more] == ["6", "7", "8", "9"]
-    busy = s.conn.execute("SELECT count(DISTINCT (worker_id, slot)) FROM tasks WHERE status = -2").fetchone()[0]
-    assert busy == 2
-    # Once lane 1's tasks are committed, its slot is free for any lane.
-    s.queue.complete(worker_id=wid, app_id=app_id, results=[result(t) for t in first if t.slot == 1],
-                     retry_rules=RetryRules())
-    assert len(s.queue.claim_pilot(worker_id=other, host="h1", entries=[(ids["m"], 0, 2)])) == 2
