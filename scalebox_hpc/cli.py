@@ -1,6 +1,7 @@
 """The scalebox-hpc command line. It parses, calls, and prints; the work is elsewhere."""
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -86,7 +87,7 @@ def _setup_logging(verbose: int, logfile: str | None = None) -> None:
 def main(ctx, dsn, verbose):
     """Run Scalebox-style streaming pipelines on HPC batch sites."""
     ctx.obj = {"dsn": dsn}
-    if ctx.invoked_subcommand != "worker":
+    if ctx.invoked_subcommand not in ("worker", "worker-ahead"):
         _setup_logging(verbose)
 
 
@@ -151,17 +152,22 @@ def _follow(ctx, database: Database, app_id: int, *, quiet: bool) -> str:
     """Drive the controller (if no other one is active) and show progress until the app ends."""
     from .controller import Controller
     from .progress import ProgressView
+    from .sites import local
 
     settings = _controller_settings(ctx)
     settings.poll_seconds = min(settings.poll_seconds, 0.5)
     controller = Controller(settings)
     view = None if quiet else ProgressView()
+    ahead = True
     # A pilot that runs out of work says so: the app may be over, look at once.
     database.retrying(lambda: database.listen(f"sbx_a{app_id}"), what="listen")
     try:
         while True:
             started = time.monotonic()
             controller.step()
+            if ahead:
+                # Launched by now if the app runs here: else it has no use.
+                ahead = local.drop_ahead()
             app = database.retrying(lambda: Apps(database).get_app(app_id), what="read app status")
             if view:
                 view.update(database.retrying(lambda: Reporting(database).module_counts(app_id),
@@ -220,6 +226,13 @@ def run(ctx, app_path, env_files, site, wait, as_json, quiet):
 
     Exit code 0 only if the app FINISHED.
     """
+    if wait:
+        # This process drives the controller: a local pilot starts while the app is
+        # checked and written, and the controller is loaded before the app counts as
+        # started (its clock starts when the tasks are written).
+        from .sites import local
+        importlib.import_module("scalebox_hpc.controller")
+        local.start_ahead(_dsn(ctx), config.state_dir() / "logs")
     app, app_id = _submit(ctx, app_path, env_files, site)
     database = _database(ctx)
     if not wait:
@@ -335,9 +348,30 @@ def worker(ctx, log_file, verbose, **options):
                               pull_timeout=config.env_float("SCALEBOX_PULL_TIMEOUT", 900.0),
                               container_gpu=launch.container_gpu,
                               cpus=launch.cpus,
+                              lane_processes=os.environ.get("SCALEBOX_LANE_PROCESSES", "1") != "0",
                               gpus=None if launch.gpus is None else tuple(map(str, range(launch.gpus))))
     settings.job_end = job_end_time(os.environ, launch.walltime_seconds)
     sys.exit(Worker(dsn, worker_id, settings).run())
+
+
+@main.command("worker-ahead", hidden=True)
+def worker_ahead():
+    """A pilot process started before its worker exists (see sites/local.start_ahead):
+    with its imports done, it reads its worker command line and log from stdin, then
+    runs it; on end of input it exits."""
+    importlib.import_module("scalebox_hpc.worker")      # the work done ahead
+
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return
+    request = json.loads(line)
+    log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    null_fd = os.open(os.devnull, os.O_RDONLY)
+    for fd, target in ((null_fd, 0), (log_fd, 1), (log_fd, 2)):
+        os.dup2(fd, target)
+    os.close(log_fd)
+    os.close(null_fd)
+    main(args=request["args"], prog_name="scalebox-hpc")
 
 
 # ---------------------------------------------------------------- app

@@ -7,7 +7,8 @@ register (with what the node has) -> setup hooks -> [pick modules for the free l
 results together]* -> idle timeout, drain signal or app end -> running tasks finish,
 unstarted ones go back -> teardown hooks -> exit.
 A lane is one place a task runs (its own WORK_DIR, output buffers and runtimes), in a
-thread of its own; the main thread alone talks to the database, and a heartbeat
+thread of its own (its batches of short host programs in a process of its own,
+laneproc.py); the main thread alone talks to the database, and a heartbeat
 thread on a second connection renews the pilot's lease. If the controller declared the
 pilot lost, the heartbeat kills every running program and the pilot stops without
 committing.
@@ -30,11 +31,13 @@ from .db.queue import Queue
 from .db.rows import ClaimedTask, Message, TaskResult
 from .errors import DatabaseUnavailable, TaskFileError, first_line
 from . import intask, taskfiles
+from .laneproc import STOP, TERMINATED, LaneProcess, LaneShared
 from .appdef import HOOKS, IMAGE_DIRS, ModuleDef
 from .policy import Budget, Candidate, plan, stages
 from .resources import NodeResources, gpu_environment, node_resources
 from .sites.launch import DRAIN_MARGIN
 from .runtimes import ImageError, OutputBuffer, ProgramResult, RuntimePlace, runtime_for, utcnow
+from .runtimes.host import HostRuntime
 from .states import CONTAINER_GPU_FLAGS, AppStatus, Code, WorkerStatus
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,9 @@ MAX_ARG_BYTES = 128 * 1024 - 1
 # A pilot looks for new apps on its site this often, besides when one is announced.
 REFRESH_SECONDS = 10.0
 BODY_FILE = ".scalebox-body"
+# A batch of at least this many host tasks runs in a process of the lane's own
+# (laneproc.py), where there are several lanes to share the interpreter.
+PROCESS_BATCH = 8
 
 
 @dataclass
@@ -73,6 +79,7 @@ class WorkerSettings:
     cpus: int | None = None           # outside Slurm: the cores to use (None: all of the machine)
     gpus: tuple[str, ...] | None = None   # outside Slurm: the GPU ids to use (None: CUDA_VISIBLE_DEVICES)
     mem_mb: int | None = None         # outside Slurm: the memory to count (None: not counted)
+    lane_processes: bool = True       # batches of short host tasks run in a process per lane
 
 
 def slurm_job_id(environ) -> str | None:
@@ -192,10 +199,20 @@ class Lane:
         self.gpus: tuple[str, ...] = ()
         self.mem_mb = 0
         self.node_gpus = False          # the node has GPUs: a task sees only its own
-        self.current: tuple[int, float] | None = None   # (task id, monotonic start) while a program runs
+        self.shared = LaneShared()      # flags for, and the running task of, a batch in a process
+        self.processes: dict[int, LaneProcess] = {}  # module id -> its process, for short host tasks
         self.runners: dict[int, TaskRunner] = {}
         self.ready = threading.Condition()
         self.thread: threading.Thread | None = None
+
+    @property
+    def current(self) -> tuple[int, float] | None:
+        """(task id, monotonic start) while a program runs, in the thread or its process."""
+        return self.shared.current
+
+    @current.setter
+    def current(self, value: tuple[int, float] | None) -> None:
+        self.shared.current = value
 
     def env(self) -> dict[str, str]:
         """What a task learns of its lane: its slot, and on a GPU node its own GPUs only."""
@@ -237,7 +254,7 @@ class TaskRunner:
 
     @property
     def terminated(self) -> bool:
-        return self.pilot.terminated
+        return self.pilot.terminated or bool(self.lane.shared.flags & TERMINATED)
 
     def _prepare_runtime(self) -> str | None:
         """Pull the image / start the instance, once; why it failed, or None. After a
@@ -880,6 +897,8 @@ class Worker:
         self.stop_reason = f"drained on {signal.Signals(signum).name}"
         if signum != signal.SIGUSR1:
             self.terminated = True      # the batch system stops the job: its programs too
+        for lane in self.lanes:
+            lane.shared.set(STOP | (TERMINATED if self.terminated else 0))
         self.draining.set()
         self.wake.set()
 
@@ -1105,51 +1124,91 @@ class Worker:
 
     # -- lanes ------------------------------------------------------------------------------
     def _lane_loop(self, lane: Lane) -> None:
-        while True:
-            with lane.ready:
-                while lane.work is None and not self.finished:
-                    lane.ready.wait()
-                if lane.work is None:
-                    return
-                state, tasks = lane.work
-            try:
-                self._run_batch(lane, state, tasks)
-            except BaseException as exc:   # noqa: BLE001 - the main thread fails the pilot
-                log.exception("lane %s crashed", lane.index)
-                self.crash = exc
-            finally:
+        try:
+            while True:
                 with lane.ready:
-                    lane.work = None
-                    lane.busy = False
-                self.wake.set()
+                    while lane.work is None and not self.finished:
+                        lane.ready.wait()
+                    if lane.work is None:
+                        return
+                    state, tasks = lane.work
+                try:
+                    self._run_batch(lane, state, tasks)
+                except BaseException as exc:   # noqa: BLE001 - the main thread fails the pilot
+                    log.exception("lane %s crashed", lane.index)
+                    self.crash = exc
+                finally:
+                    with lane.ready:
+                        lane.work = None
+                        lane.busy = False
+                    self.wake.set()
+        finally:
+            for process in lane.processes.values():
+                process.close()
 
     def _run_batch(self, lane: Lane, state: ModuleState, tasks: list[ClaimedTask]) -> None:
         """Run a lane's tasks one after the other; those not started when the pilot
         drains stay held and go back at sign-off, free of cost."""
         runner = self._runner(lane, state)
+        if self._in_process(state, runner, tasks):
+            return self._run_batch_in_process(lane, state, runner, tasks)
         for i, task in enumerate(tasks):
             if self.draining.is_set() or self.stopped.is_set():
                 return
             if not state.active:
-                # Its app stopped running: the rest go back now (the pilot serves on).
-                with self.lock:
-                    self.giveback.extend(t.id for t in tasks[i:])
+                self._give_back(tasks[i:])      # its app stopped running (the pilot serves on)
                 return
             t0 = time.monotonic()
             result = runner._run_task(task)
-            took = time.monotonic() - t0
-            state.avg_seconds = 0.8 * state.avg_seconds + 0.2 * took
-            state.longest_seconds = max(state.longest_seconds, took)
-            if self.stopped.is_set():
-                return      # lost while it ran: the result must not count
-            if state.ended == AppStatus.CANCELLED:
-                with self.lock:     # cancelled while it ran: nothing counts, all go back
-                    self.giveback.extend(t.id for t in tasks[i:])
+            if not self._take(state, tasks, i, result, time.monotonic() - t0):
                 return
-            with self.lock:
-                if not self.pending:
-                    self.pending_since = time.monotonic()
-                self.pending.append(result)
+
+    def _in_process(self, state: ModuleState, runner: TaskRunner, tasks: list[ClaimedTask]) -> bool:
+        """Whether this batch runs in a process of the lane's own: short host programs
+        (a batch of several), several lanes, no hooks to hand files over, nothing to
+        forward to another site (laneproc.py)."""
+        module = state.module
+        return (self.settings.lane_processes and len(self.lanes) > 1 and len(tasks) >= PROCESS_BATCH
+                and type(runner.runtime) is HostRuntime and not module.hooks_in_image
+                and not any(getattr(module, hook) for hook in HOOKS)
+                and all(site == state.site for site in state.module_sites.values()))
+
+    def _run_batch_in_process(self, lane: Lane, state: ModuleState, runner: TaskRunner,
+                              tasks: list[ClaimedTask]) -> None:
+        process = lane.processes.get(state.module_id)
+        if process is None:
+            process = lane.processes[state.module_id] = LaneProcess(lane, runner)
+        done, cut = [0], [False]
+
+        def on_result(result: TaskResult, took: float) -> bool:
+            done[0] += 1
+            cut[0] = not self._take(state, tasks, done[0] - 1, result, took)
+            return not cut[0]
+
+        process.run(tasks, on_result, lambda: self.draining.is_set() or self.stopped.is_set() or not state.active)
+        if done[0] < len(tasks) and not cut[0] and not state.active \
+                and not (self.draining.is_set() or self.stopped.is_set()):
+            self._give_back(tasks[done[0]:])    # its app stopped running (the pilot serves on)
+
+    def _give_back(self, tasks: list[ClaimedTask]) -> None:
+        with self.lock:
+            self.giveback.extend(t.id for t in tasks)
+
+    def _take(self, state: ModuleState, tasks: list[ClaimedTask], i: int, result: TaskResult,
+              took: float) -> bool:
+        """Count the result of tasks[i] (which took `took` s); False: the lane stops here."""
+        state.avg_seconds = 0.8 * state.avg_seconds + 0.2 * took
+        state.longest_seconds = max(state.longest_seconds, took)
+        if self.stopped.is_set():
+            return False    # lost while it ran: the result must not count
+        if state.ended == AppStatus.CANCELLED:
+            self._give_back(tasks[i:])      # cancelled while it ran: nothing counts, all go back
+            return False
+        with self.lock:
+            if not self.pending:
+                self.pending_since = time.monotonic()
+            self.pending.append(result)
+        return True
 
     def _flush_due(self, busy: bool) -> None:
         """Commit what finished once the oldest result waited flush_seconds, or at once
@@ -1232,8 +1291,7 @@ class Worker:
             work = lane.work
             if work is not None and work[0].app_id == app_id:
                 work[0].ended = AppStatus.CANCELLED
-                for runner in list(lane.runners.values()):
-                    runner.runtime.kill()
+                self._kill_lane(lane)
 
     def _stop(self, message: str) -> None:
         log.warning("worker %s: %s; stopping the running programs", self.worker_id, message)
@@ -1241,5 +1299,11 @@ class Worker:
         self.stopped.set()
         self.wake.set()
         for lane in self.lanes:
-            for runner in list(lane.runners.values()):
-                runner.runtime.kill()
+            self._kill_lane(lane)
+
+    @staticmethod
+    def _kill_lane(lane: Lane) -> None:
+        for process in list(lane.processes.values()):
+            process.kill_program()
+        for runner in list(lane.runners.values()):
+            runner.runtime.kill()

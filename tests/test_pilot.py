@@ -296,3 +296,154 @@ def test_builtin_pass_routes_its_body_on_without_a_process(sbx, sbx_env, dsn, tm
     (app / "app.yaml").write_text("name: bad\nmodules:\n  a:\n    command: '@nope'\n")
     proc = sbx("submit", app, check=1)
     assert "unknown builtin program @nope (builtins: @noop, @pass)" in proc.stderr
+
+
+# -- batches of short host tasks run in a process of their lane (laneproc.py) -------------
+def pilot_pid(dsn) -> int:
+    return wait_for(lambda: query(dsn, "SELECT pid FROM workers WHERE pid IS NOT NULL"), timeout=60,
+                    what="a pilot")[0][0]
+
+
+def children(pid: int) -> set[int]:
+    """The live processes whose parent is pid."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry))
+    return found
+
+
+def test_short_tasks_run_in_lane_processes_each_with_its_own_output(sbx, sbx_env, dsn, tmp_path):
+    """300 short tasks on 2 lanes: once batches are long, each lane runs them in a
+    process of its own (the program's parent is not the pilot); every task still gets
+    its own output, files and exit code on record, and the lanes' processes end with
+    the pilot."""
+    local_site(sbx_env, tmp_path, cpus=2)
+    app = write_app(tmp_path / "short", "name: short\nmodules:\n" + module_yaml("m", "m.sh", slots=2), {
+        "m.sh": 'echo "$1 $PPID"\necho "err $1" >&2\n[ $(($1 % 50)) = 7 ] && echo x > "$WORK_DIR/o-$1.dat"\n'
+                '[ $(($1 % 100)) = 99 ] && exit 3\nexit 0\n'})
+    app_id = submit(sbx, app)
+    sbx("task", "add", app_id, "m", *map(str, range(300)), check=0)
+    with controller(sbx_env):
+        wait_for(lambda: query(dsn, "SELECT status FROM apps WHERE id = %s", app_id)[0][0] in ("FINISHED", "ERROR"),
+                 timeout=120, interval=0.2, what="app ended")
+        pid = pilot_pid(dsn)
+        rows = query(dsn, "SELECT t.body, e.status_code, e.stdout, e.stderr, e.output_files FROM task_exec e "
+                          "JOIN tasks t ON t.id = e.task_id WHERE t.app_id = %s AND e.attempt = 1", app_id)
+        wait_for(lambda: query(dsn, "SELECT status FROM workers")[0][0] == "EXITED", timeout=30,
+                 what="the pilot gone")
+    assert len(rows) == 300
+    parents = set()
+    for body, code, stdout, stderr, files in rows:
+        i = int(body)
+        assert code == (3 if i % 100 == 99 else 0), (body, code, stderr)
+        number, parent = stdout.split()
+        assert number == body and stderr == f"err {body}\n"
+        assert (files == [f"o-{body}.dat"]) == (i % 50 == 7), (body, files)
+        parents.add(int(parent))
+    lanes = parents - {pid}
+    assert pid in parents, "the first tasks, one by one, ran in the pilot's lane threads"
+    assert len(lanes) == 2, f"each lane ran its batches in one process of its own: {parents}"
+    assert not children(pid) and not any(Path(f"/proc/{p}").exists() for p in lanes)
+
+
+def test_drained_pilot_lets_a_lane_process_finish_its_task_and_returns_the_rest(sbx, sbx_env, dsn, tmp_path):
+    """SIGUSR1 while the lanes run batches in their processes: the running tasks finish
+    and count, the batches' other tasks go back unstarted (no attempt), nothing is lost."""
+    local_site(sbx_env, tmp_path, cpus=2)
+    app = write_app(tmp_path / "drain", "name: drain\nmodules:\n" + module_yaml("m", "m.sh", slots=2),
+                    {"m.sh": "sleep 0.01\n"})
+    app_id = submit(sbx, app)
+    sbx("task", "add", app_id, "m", *map(str, range(3000)), check=0)
+    with controller(sbx_env) as ctl:
+        wait_for(lambda: query(dsn, "SELECT count(*) FROM task_exec")[0][0] >= 300, timeout=60,
+                 what="300 tasks done")
+        pid = pilot_pid(dsn)
+        assert len(children(pid)) >= 2, "the lanes run in processes of their own"
+        ctl.terminate()     # no controller to start another pilot
+        ctl.wait(timeout=30)
+        os.kill(pid, signal.SIGUSR1)
+        wait_for(lambda: query(dsn, "SELECT status FROM workers WHERE pid = %s", pid)[0][0] == "EXITED",
+                 timeout=30, what="the pilot drained")
+    codes = dict(query(dsn, "SELECT e.status_code, count(*) FROM task_exec e GROUP BY 1"))
+    ready, held = query(dsn, "SELECT count(*) FILTER (WHERE status = -1), count(*) FILTER (WHERE status IN (-2, -3)) "
+                             "FROM tasks WHERE app_id = %s", app_id)[0]
+    assert list(codes) == [0], f"every attempt ran to its end: {codes}"
+    assert held == 0 and ready + codes[0] == 3000 and ready > 0
+    assert query(dsn, "SELECT count(*) FROM tasks t WHERE app_id = %s AND status = -1 AND EXISTS "
+                      "(SELECT 1 FROM task_exec e WHERE e.task_id = t.id)", app_id)[0][0] == 0
+    assert not children(pid)
+
+
+def test_sigkilled_pilot_takes_its_lane_processes_with_it(sbx, sbx_env, dsn, tmp_path):
+    """SIGKILL of a pilot whose lanes run batches in processes: those end at once too
+    (no task starts after), the tasks it held (the two programs running, the rest of
+    their batches) are recovered as attempts with code 123, and every task is done
+    exactly once in the end."""
+    local_site(sbx_env, tmp_path, cpus=2)
+    app = write_app(tmp_path / "kill", "name: killp\nmodules:\n" + module_yaml("m", "m.sh", slots=2), {
+        # Tasks 200 and up sleep on their first attempt: the pilot is killed then.
+        "m.sh": '[ "$ATTEMPT" = 1 ] && [ "$1" -ge 200 ] && sleep 60\necho "$1"\n'})
+    app_id = submit(sbx, app)
+    sbx("task", "add", app_id, "m", *map(str, range(400)), check=0)
+    with controller(sbx_env):
+        wait_for(lambda: query(dsn, "SELECT count(*) FROM tasks WHERE status = -3")[0][0] == 2,
+                 timeout=60, what="2 long tasks running")
+        pid = pilot_pid(dsn)
+        lanes = children(pid)
+        assert len(lanes) == 2
+        # Both lanes are in a 60 s program: what the pilot holds stays as it is until the kill.
+        held = {b for b, in query(dsn, "SELECT body FROM tasks WHERE app_id = %s AND status IN (-2, -3)", app_id)}
+        running = {b for b, in query(dsn, "SELECT body FROM tasks WHERE app_id = %s AND status = -3", app_id)}
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not any(Path(f"/proc/{p}/stat").exists() and " Z " not in Path(f"/proc/{p}/stat").read_text()
+                                 for p in lanes), timeout=5, what="the lane processes gone")
+        wait_for(lambda: query(dsn, "SELECT status FROM apps WHERE id = %s", app_id)[0][0] == "FINISHED",
+                 timeout=240, interval=0.2, what="app FINISHED")
+    lost = query(dsn, "SELECT t.body FROM task_exec e JOIN tasks t ON t.id = e.task_id "
+                      "WHERE t.app_id = %s AND e.status_code = 123", app_id)
+    assert len(running) == 2 and running <= held
+    assert sorted(b for b, in lost) == sorted(held), "one attempt lost for each task it held, no other"
+    done = query(dsn, "SELECT t.body, count(*) FROM task_exec e JOIN tasks t ON t.id = e.task_id "
+                      "WHERE t.app_id = %s AND e.status_code = 0 GROUP BY 1", app_id)
+    assert sorted(int(b) for b, _ in done) == list(range(400)) and {n for _, n in done} == {1}
+
+
+def ahead_processes(state_dir: str) -> list[int]:
+    """Live processes started ahead (worker-ahead) by scalebox-hpc run on this state directory."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        if b"worker-ahead" in cmdline and f"SCALEBOX_STATE_DIR={state_dir}".encode() in environ.split(b"\0"):
+            found.append(int(entry))
+    return found
+
+
+def test_run_starts_its_local_pilot_while_it_writes_the_app(sbx, sbx_env, dsn, tmp_path):
+    """scalebox-hpc run starts the local pilot's process before it writes the app: the
+    tasks' pilot is that process, it was there before the app, it logs to its worker's
+    log as a launched pilot does, and nothing started ahead outlives its use."""
+    app = write_app(tmp_path / "ahead", "name: ahead\nmodules:\n" + module_yaml("m", "m.sh", start_task="[a, b, c]"),
+                    {"m.sh": "tr '\\0' ' ' < /proc/$PPID/cmdline\n"})
+    summary = json.loads(sbx("run", "--json", app, check=0).stdout)
+    assert summary["modules"]["m"]["ok"] == 3
+    (wid, created), = query(dsn, "SELECT w.id, a.created_at FROM workers w JOIN modules m ON m.id = w.module_id "
+                                 "JOIN apps a ON a.id = m.app_id")
+    assert all("worker-ahead" in r[6] for r in runs(dsn, summary["id"])), "the pilot is the process started ahead"
+    logs = Path(sbx_env["SCALEBOX_STATE_DIR"], "logs")
+    # Started (its log opened) before the app was written; it never wrote there.
+    ahead_log = logs / "worker-ahead.log"
+    assert ahead_log.stat().st_size == 0 and ahead_log.stat().st_mtime < created.timestamp()
+    log = logs / f"worker-{wid}.log"
+    wait_for(lambda: "stopped: EXITED" in log.read_text(), timeout=30, what="the pilot's sign-off in its log")
+    assert f"worker {wid} on " in log.read_text()
+    wait_for(lambda: not ahead_processes(sbx_env["SCALEBOX_STATE_DIR"]), timeout=30, what="no process left")

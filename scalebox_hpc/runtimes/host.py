@@ -16,6 +16,9 @@ KILL_GRACE_SECONDS = 5.0
 # The working directory is the process's, shared by a pilot's lanes: one chdir and
 # spawn at a time.
 _SPAWN_LOCK = threading.Lock()
+# A lane that forks (laneproc.py) must not leave its child a lock another lane held.
+os.register_at_fork(before=_SPAWN_LOCK.acquire, after_in_parent=_SPAWN_LOCK.release,
+                    after_in_child=_SPAWN_LOCK.release)
 # Python ignores SIGPIPE and SIGXFSZ, and an ignored signal stays ignored across exec: a
 # program must get them at their default, as from a shell (subprocess's restore_signals).
 _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)

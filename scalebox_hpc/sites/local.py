@@ -1,16 +1,60 @@
 """The local site: workers are processes on this machine (the embedded default)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 from . import LiveWorker, Site
 from .launch import WorkerLaunch
 
 log = logging.getLogger(__name__)
+_PYTHON = [sys.executable, "-m", "scalebox_hpc"]
+# A pilot process started ahead of its worker: (its environment, the process).
+_ahead: list[tuple[dict, subprocess.Popen]] = []
+
+
+def start_ahead(dsn: str, log_dir: Path) -> None:
+    """Start a pilot process now, for this process's next local launch (scalebox-hpc run,
+    before it writes the app): the pilot's interpreter start and imports, 0.2 s, then
+    overlap the writing of the tasks rather than follow it. Unused, it exits when this
+    process does (end of its input)."""
+    drop_ahead()
+    env = dict(os.environ, SCALEBOX_DSN=dsn)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "worker-ahead.log", "ab") as logf:
+        proc = subprocess.Popen([*_PYTHON, "worker-ahead"], env=env, stdin=subprocess.PIPE, stdout=logf,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    _ahead.append((env, proc))
+
+
+def drop_ahead() -> bool:
+    """End the pilot process started ahead, if unused (False: none is left)."""
+    while _ahead:
+        _, proc = _ahead.pop()
+        proc.stdin.close()
+    return False
+
+
+def _take_ahead(env: dict, argv: list[str], log_path: Path) -> subprocess.Popen | None:
+    """The pilot process started ahead, given this launch, if it was started alike."""
+    if not _ahead:
+        return None
+    ahead_env, proc = _ahead.pop()
+    if ahead_env == env and argv[:len(_PYTHON)] == _PYTHON and proc.poll() is None:
+        request = {"args": argv[len(_PYTHON):], "log": str(log_path)}
+        try:
+            proc.stdin.write(json.dumps(request).encode() + b"\n")
+            proc.stdin.close()
+            return proc
+        except OSError:
+            pass
+    proc.stdin.close()
+    return None
 
 
 class LocalSite(Site):
@@ -62,13 +106,18 @@ class LocalSite(Site):
                                 image_cache=config.image_cache if config else None,
                                 container_gpu=config.container_gpu if config else None,
                                 cpus=self.pilot_cpus, gpus=config.gpus if config else None).argv()
-            with open(self.logdir / f"worker-{wid}.log", "ab") as logf:
-                # A session of its own: workers outlive a controller restart or a Ctrl-C.
-                self.procs[wid] = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=logf,
-                                                   stderr=subprocess.STDOUT, start_new_session=True)
+            log_path = self.logdir / f"worker-{wid}.log"
+            self.procs[wid] = _take_ahead(env, argv, log_path) or self._start(argv, env, log_path)
             log.info("started local worker %s for module %s (pid %s)", wid, module["name"],
                      self.procs[wid].pid)
         return dict.fromkeys(worker_ids)
+
+    @staticmethod
+    def _start(argv: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+        with open(log_path, "ab") as logf:
+            # A session of its own: workers outlive a controller restart or a Ctrl-C.
+            return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=logf,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
 
     def dead(self, workers: list[LiveWorker]) -> list[int]:
         gone = []
