@@ -222,11 +222,7 @@ class LaneProcess:
                 continue
             data = os.read(self.outbox, 1 << 16)
             if not data:
-                self.close()
-                # The WORK_DIR may be half emptied: the next task makes a fresh one.
-                self.runner.workdir_ready = False
-                raise RuntimeError(f"lane {self.lane.index}: its process for module {self.runner.module_name} "
-                                   "ended in the middle of a batch")
+                self._fail("ended in the middle of a batch")
             buffer += data
             while len(buffer) >= _FRAME.size:
                 (size,) = _FRAME.unpack_from(buffer)
@@ -244,10 +240,13 @@ class LaneProcess:
                     self.runner.workdir_ready, self.runner.failed_workdirs = message[1], message[2]
                     return
                 else:
-                    self.close()
-                    self.runner.workdir_ready = False
-                    raise RuntimeError(f"lane {self.lane.index}: its process for module "
-                                       f"{self.runner.module_name} failed:\n{message[1]}")
+                    self._fail(f"failed:\n{message[1]}")
+
+    def _fail(self, why: str) -> None:
+        self.close()
+        # The WORK_DIR may be half emptied: the next task makes a fresh one.
+        self.runner.workdir_ready = False
+        raise RuntimeError(f"lane {self.lane.index}: its process for module {self.runner.module_name} {why}")
 
     def kill_program(self) -> None:
         """Stop the running program (the child kills it as its runtime would) and take
