@@ -386,9 +386,12 @@ def test_sigkilled_pilot_takes_its_lane_processes_with_it(sbx, sbx_env, dsn, tmp
     their batches) are recovered as attempts with code 123, and every task is done
     exactly once in the end."""
     local_site(sbx_env, tmp_path, cpus=2)
+    hold = tmp_path / "hold"
+    hold.touch()
     app = write_app(tmp_path / "kill", "name: killp\nmodules:\n" + module_yaml("m", "m.sh", slots=2), {
-        # Tasks 200 and up sleep on their first attempt: the pilot is killed then.
-        "m.sh": '[ "$ATTEMPT" = 1 ] && [ "$1" -ge 200 ] && sleep 60\necho "$1"\n'})
+        # Tasks 200 and up sleep until the pilot is killed (the marker goes then); whatever
+        # runs after, in this pilot's batches or not, is quick.
+        "m.sh": f'[ "$1" -ge 200 ] && [ -e {hold} ] && sleep 60\necho "$1"\n'})
     app_id = submit(sbx, app)
     sbx("task", "add", app_id, "m", *map(str, range(400)), check=0)
     with controller(sbx_env):
@@ -401,6 +404,7 @@ def test_sigkilled_pilot_takes_its_lane_processes_with_it(sbx, sbx_env, dsn, tmp
         held = {b for b, in query(dsn, "SELECT body FROM tasks WHERE app_id = %s AND status IN (-2, -3)", app_id)}
         running = {b for b, in query(dsn, "SELECT body FROM tasks WHERE app_id = %s AND status = -3", app_id)}
         os.kill(pid, signal.SIGKILL)
+        hold.unlink()
         wait_for(lambda: not any(Path(f"/proc/{p}/stat").exists() and " Z " not in Path(f"/proc/{p}/stat").read_text()
                                  for p in lanes), timeout=5, what="the lane processes gone")
         wait_for(lambda: query(dsn, "SELECT status FROM apps WHERE id = %s", app_id)[0][0] == "FINISHED",
